@@ -1,12 +1,29 @@
-"""Device memory: the one place that clears caches, moves weights between stages and keeps the stage ledger.
+"""Device memory: the one place that moves weights between stages, clears caches and keeps the stage ledger.
 
-(Being filled in: StagedWeights, the ledger and the embedding cache land here.)
+`StagedModel` keeps a model's weights on the CPU (as read from disk, "pristine") and puts a cast copy on the
+device only while its stage runs. Changing precision re-casts from the pristine copy, never re-reading disk.
+`Ledger` records wall time and memory per stage. `EmbeddingCache` lets a repeated prompt skip the encoders.
 """
 from __future__ import annotations
 
 import gc
+import logging
+import os
+import resource
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import torch
+from torch import nn
+
+from .precision import Precision, linear_modules, set_linear_storage, target_dtype
+
+log = logging.getLogger(__name__)
+GiB = 1024**3
+MiB = 1024**2
 
 
 def empty_device_cache(device: torch.device | str | None = None) -> None:
@@ -30,3 +47,220 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def default_device() -> torch.device:
+    """CUDA if present, else MPS, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (bytes); 0 where /proc is unavailable."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class StagedModel:
+    """A model whose pristine weights stay on the CPU; `acquire` places a cast copy on a device for one stage.
+
+    The wrapped module object is kept; only its tensors are swapped, so wrappers holding it (a tokenizer-owning
+    encoder, a diffusers VAE) keep working. While released, its parameters alias the pristine CPU tensors.
+    `cpu_only` names submodules that always stay on the CPU in pristine dtype (e.g. a huge embedding table).
+    """
+
+    def __init__(self, name: str, module: nn.Module, source: str = "", cpu_only: tuple[str, ...] = ()):
+        self.name, self.module, self.source = name, module.eval().requires_grad_(False), source
+        self.cpu_only = cpu_only
+        self._pristine: dict[str, torch.Tensor] = {k: t.detach() for k, t in self._tensors()}
+        self._fp8_params = {f"{n}.weight" for n, _ in linear_modules(module)}
+        self.device = torch.device("cpu")
+        self.precision: Precision | None = None
+
+    def _tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for mod_name, mod in self.module.named_modules():
+            for pname, p in list(mod._parameters.items()) + list(mod._buffers.items()):
+                if p is not None:
+                    yield (f"{mod_name}.{pname}" if mod_name else pname), p
+
+    def _slots(self) -> Iterator[tuple[str, nn.Module, str, bool]]:
+        for mod_name, mod in self.module.named_modules():
+            for kind, table in (("p", mod._parameters), ("b", mod._buffers)):
+                for pname, p in table.items():
+                    if p is not None:
+                        yield (f"{mod_name}.{pname}" if mod_name else pname), mod, pname, kind == "p"
+
+    def _is_cpu_only(self, full_name: str) -> bool:
+        return any(full_name == c or full_name.startswith(c + ".") for c in self.cpu_only)
+
+    @property
+    def pristine_dtype(self) -> torch.dtype:
+        """The dtype the weights were loaded in (the file's dtype)."""
+        return next((t.dtype for t in self._pristine.values() if t.is_floating_point()), torch.float32)
+
+    def acquire(self, device: torch.device | str, precision: Precision) -> nn.Module:
+        """Place the weights on `device` in `precision` (a no-op if already there) and return the module."""
+        device = torch.device(device)
+        if self.device == device and self.precision == precision:
+            return self.module
+        set_linear_storage(self.module, precision.is_fp8)
+        with torch.no_grad():
+            for full, mod, pname, is_param in self._slots():
+                src = self._pristine[full]
+                if self._is_cpu_only(full):
+                    new = src
+                elif is_param or mod_persistent(mod, pname):
+                    new = src.to(device=device, dtype=target_dtype(full, src, precision, self._fp8_params))
+                else:  # non-persistent buffers (RoPE inv_freq ...) keep their dtype, only move
+                    new = src.to(device=device)
+                if is_param:
+                    mod._parameters[pname].data = new
+                else:
+                    mod._buffers[pname] = new
+        self.device, self.precision = device, precision
+        return self.module
+
+    def release(self) -> None:
+        """Point every tensor back at the pristine CPU copy, dropping the device copy, and clear caches."""
+        if self.device.type == "cpu" and (self.precision is None or self.precision.storage == self.pristine_dtype):
+            return
+        old_device = self.device
+        with torch.no_grad():
+            for full, mod, pname, is_param in self._slots():
+                if is_param:
+                    mod._parameters[pname].data = self._pristine[full]
+                else:
+                    mod._buffers[pname] = self._pristine[full]
+        set_linear_storage(self.module, False)
+        self.device, self.precision = torch.device("cpu"), None
+        empty_device_cache(old_device)
+
+    def nbytes(self, on_device_only: bool = False) -> int:
+        """Bytes the weights occupy now (on their current device and dtype)."""
+        return sum(t.numel() * t.element_size() for _, t in self._tensors()
+                   if not (on_device_only and t.device.type == "cpu"))
+
+    def describe(self) -> dict[str, Any]:
+        """Where and how this model is held: name, device, dtype(s), size in MiB, source file."""
+        dtypes = sorted({str(t.dtype).replace("torch.", "") for _, t in self._tensors() if t.is_floating_point()})
+        return {"name": self.name, "device": str(self.device), "dtypes": dtypes,
+                "precision": self.precision.name if self.precision else f"{self.pristine_dtype} (idle, CPU copy)",
+                "bytes": self.nbytes(), "size_mib": round(self.nbytes() / MiB, 1), "source": self.source}
+
+
+def mod_persistent(mod: nn.Module, buffer_name: str) -> bool:
+    """True if `buffer_name` is a persistent buffer of `mod` (saved in state dicts)."""
+    return buffer_name not in getattr(mod, "_non_persistent_buffers_set", set())
+
+
+@dataclass
+class StageRecord:
+    """One stage's measurements: wall seconds, device, peak allocated/reserved bytes (CUDA), RSS (CPU)."""
+
+    stage: str
+    seconds: float
+    device: str
+    peak_allocated: int = 0
+    peak_reserved: int = 0
+    rss_before: int = 0
+    rss_after: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (bytes as MiB)."""
+        return {"stage": self.stage, "seconds": round(self.seconds, 4), "device": self.device,
+                "peak_allocated_mib": round(self.peak_allocated / MiB, 1),
+                "peak_reserved_mib": round(self.peak_reserved / MiB, 1),
+                "rss_before_mib": round(self.rss_before / MiB, 1), "rss_after_mib": round(self.rss_after / MiB, 1),
+                "notes": list(self.notes)}
+
+
+class Ledger:
+    """Per-stage wall time and memory, printed by the CLI and returned by the API."""
+
+    def __init__(self) -> None:
+        self.records: list[StageRecord] = []
+
+    @contextmanager
+    def stage(self, name: str, device: torch.device | str) -> Iterator[StageRecord]:
+        """Measure the enclosed block as stage `name` on `device`; yields the record (to attach notes)."""
+        device = torch.device(device)
+        cuda = device.type == "cuda" and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        rec = StageRecord(name, 0.0, str(device), rss_before=rss_bytes())
+        t0 = time.perf_counter()
+        try:
+            yield rec
+        finally:
+            if cuda:
+                torch.cuda.synchronize(device)
+                rec.peak_allocated = torch.cuda.max_memory_allocated(device)
+                rec.peak_reserved = torch.cuda.max_memory_reserved(device)
+            rec.seconds = time.perf_counter() - t0
+            rec.rss_after = rss_bytes()
+            self.records.append(rec)
+
+    def table(self) -> str:
+        """A fixed-width text table of every stage."""
+        head = f"{'stage':<10}{'seconds':>9}  {'device':<8}{'peak alloc':>12}{'peak resv':>12}{'RSS after':>12}  notes"
+        lines = [head, "-" * len(head)]
+        for r in self.records:
+            lines.append(f"{r.stage:<10}{r.seconds:>9.3f}  {r.device:<8}{r.peak_allocated / MiB:>9.1f}MiB"
+                         f"{r.peak_reserved / MiB:>9.1f}MiB{r.rss_after / MiB:>9.1f}MiB  {'; '.join(r.notes)}")
+        return "\n".join(lines)
+
+    def as_list(self) -> list[dict[str, Any]]:
+        """Every record as a dict."""
+        return [r.as_dict() for r in self.records]
+
+
+class EmbeddingCache:
+    """LRU cache of prompt embeddings (on the CPU), keyed by (text, system prompt, encoder files, precision)."""
+
+    def __init__(self, max_entries: int = 64):
+        self.max_entries = max_entries
+        self._items: OrderedDict[tuple, Any] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple) -> Any | None:
+        """The cached value for `key` (marking it recently used), or None."""
+        if key in self._items:
+            self._items.move_to_end(key)
+            self.hits += 1
+            return self._items[key]
+        self.misses += 1
+        return None
+
+    def put(self, key: tuple, value: Any) -> None:
+        """Store `value`, evicting the least recently used entry beyond `max_entries`."""
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_entries:
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def file_identity(path: str | os.PathLike | None) -> tuple:
+    """(resolved path, size, mtime) of a file or folder: part of cache keys, changes when the file does."""
+    if path is None:
+        return ("<none>",)
+    p = os.path.realpath(os.fspath(path))
+    try:
+        st = os.stat(p)
+        return (p, st.st_size, int(st.st_mtime))
+    except OSError:
+        return (p,)

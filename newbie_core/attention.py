@@ -1,0 +1,152 @@
+"""Attention dispatch (SDPA with GQA and a key-padding mask; flash-attn when importable) and 3-axis RoPE.
+
+`attention(q, k, v, key_mask=None)` is the DiT's default attention function; ComfyUI may inject another
+callable with the same signature. Shapes: q `[B,Hq,S,Dh]`, k/v `[B,Hkv,S,Dh]` (Hq a multiple of Hkv,
+query head i uses kv head i // (Hq/Hkv)), key_mask `[B,S]` (True = real token) or None; scale 1/sqrt(Dh);
+non-causal. Returns `[B,Hq,S,Dh]`. Rows of padded *queries* are unspecified (never read by the DiT).
+
+Backends (`set_attention_backend`): "auto" = flash-attn when the `flash_attn` package imports, the
+tensors are on CUDA and fp16/bf16, else SDPA; "sdpa"; "flash" (error if flash-attn is missing).
+flash-attn is never required. No path here syncs with the host (compile friendly).
+
+RoPE (spec §1.4): per axis of width d, `freq_k = theta^(-2k/d)`; angles are computed in float64 and
+rounded to fp32 (as the official table), cos/sin in fp32; rotation of adjacent pairs (2i, 2i+1) as
+complex numbers, done with real fp32 arithmetic and cast back to the input dtype.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "sdpa", "flash")
+_backend = "auto"
+_flash_module = None  # None = not tried yet, False = unavailable
+_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+def set_attention_backend(name: str) -> None:
+    """Choose the backend used by `attention()`: "auto", "sdpa" or "flash"."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"Unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}.")
+    if name == "flash" and not flash_attn_available():
+        raise ImportError("attention backend 'flash' needs the flash-attn package (pip install flash-attn); "
+                          "use 'sdpa' or 'auto' instead.")
+    _backend = name
+
+
+def get_attention_backend() -> str:
+    """The backend name currently used by `attention()`."""
+    return _backend
+
+
+def _flash():
+    global _flash_module
+    if _flash_module is None:
+        try:
+            import flash_attn  # noqa: F401
+
+            _flash_module = flash_attn
+        except Exception as e:  # ImportError, or a broken CUDA build raising at import
+            logger.debug("flash-attn not usable: %s", e)
+            _flash_module = False
+    return _flash_module
+
+
+def flash_attn_available() -> bool:
+    """True when the `flash_attn` package imports."""
+    return bool(_flash())
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
+              backend: str | None = None) -> torch.Tensor:
+    """Non-causal multi-head attention with GQA and an optional key-padding mask (see module doc)."""
+    backend = backend or _backend
+    if backend == "flash" or (backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+                              and flash_attn_available()):
+        if not flash_attn_available():
+            raise ImportError("attention backend 'flash' needs the flash-attn package; use 'sdpa'.")
+        return flash_attention(q, k, v, key_mask)
+    return sdpa_attention(q, k, v, key_mask)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` with a boolean `[B,1,1,S]` key mask and native GQA."""
+    b, hq, _, dh = q.shape
+    mask = None if key_mask is None else key_mask.to(torch.bool).view(b, 1, 1, key_mask.shape[-1])
+    scale = 1.0 / math.sqrt(dh)
+    if k.shape[1] != hq:
+        if _SDPA_HAS_GQA:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        rep = hq // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """flash-attn kernels (native GQA). With a key mask: `flash_attn_varlen_func` without a host sync.
+
+    Real tokens are gathered to the front in row order (argsort, fixed size), `cu_seqlens` comes from
+    the mask on the device, and `max_seqlen` is the padded length S (an upper bound), so nothing is read
+    back to the host. Padded query rows come back as zeros.
+    """
+    fa = _flash()
+    b, hq, s, dh = q.shape
+    scale = 1.0 / math.sqrt(dh)
+    qs, ks, vs = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B,S,H,D]
+    if key_mask is None:
+        return fa.flash_attn_func(qs, ks, vs, dropout_p=0.0, softmax_scale=scale, causal=False).transpose(1, 2)
+    n = b * s
+    mask = key_mask.to(torch.bool).reshape(n)
+    idx = torch.arange(n, device=q.device)
+    order = torch.argsort(torch.where(mask, idx, idx + n))
+    cu = F.pad(torch.cumsum(key_mask.to(torch.bool).sum(1, dtype=torch.int32), 0, dtype=torch.int32), (1, 0))
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(n, t.shape[2], dh).index_select(0, order)
+
+    out = fa.flash_attn_varlen_func(flat(qs), flat(ks), flat(vs), cu, cu, s, s, dropout_p=0.0,
+                                    softmax_scale=scale, causal=False)
+    out = torch.where((idx < cu[-1]).view(n, 1, 1), out, out.new_zeros(()))
+    out = torch.empty_like(out).index_copy_(0, order, out)
+    return out.view(b, s, hq, dh).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------- RoPE
+
+
+def rope_frequencies(axes_dims: Sequence[int], theta: float = 10000.0) -> list[torch.Tensor]:
+    """Per-axis float64 frequencies `theta^(-2k/d)`, k < d/2 (CPU tensors)."""
+    return [1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)) for d in axes_dims]
+
+
+def rope_cos_sin(positions: torch.Tensor, axes_dims: Sequence[int], theta: float = 10000.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for integer `positions [..., n_axes]`: fp32 `[..., sum(axes_dims)/2]` each.
+
+    Computed on the CPU in float64 (angle = position·freq, rounded to fp32, then cos/sin in fp32) to
+    match the official precomputed table bit for bit; move the result to the device once.
+    """
+    pos = positions.detach().to("cpu", torch.float64)
+    angles = torch.cat([pos[..., i:i + 1] * f for i, f in enumerate(rope_frequencies(axes_dims, theta))], dim=-1)
+    angles = angles.float()
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (2i, 2i+1) of the last dim of `x` by the angles behind `cos`/`sin`.
+
+    `cos`/`sin` have last dim `x.shape[-1]/2` and broadcast against `x.shape[:-1]`. Computed in fp32,
+    returned in `x`'s dtype.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)

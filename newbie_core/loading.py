@@ -1,0 +1,63 @@
+"""Read each model role from disk onto the CPU, in the file's own dtype (the pristine copy a StagedModel keeps)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .files import weight_files
+from .model_paths import ModelPaths
+
+
+def file_dtype(path: str | Path) -> torch.dtype:
+    """The dtype of the first floating tensor stored at `path` (file or folder), read from the header only."""
+    from safetensors import safe_open
+
+    for f in weight_files(path):
+        if f.suffix not in (".safetensors", ".sft"):
+            continue
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for k in sf.keys():
+                dt = sf.get_slice(k).get_dtype()
+                table = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+                if dt in table:
+                    return table[dt]
+    return torch.bfloat16
+
+
+def load_role(role: str, paths: ModelPaths, attention: str = "auto") -> tuple[object, nn.Module, str, tuple[str, ...]]:
+    """Load `role` (dit, gemma, jina, vae) on the CPU in its file dtype.
+
+    Returns (wrapper used by the pipeline, the nn.Module whose weights a StagedModel manages, source path,
+    names of submodules that stay on the CPU).
+    """
+    src = getattr(paths, role)
+    if role == "dit":
+        from .dit import load_dit
+
+        dit = load_dit(src, dtype=file_dtype(_dit_file(src)), device="cpu", attention=attention)
+        return dit, dit, str(src), ()
+    if role == "gemma":
+        from .text.gemma import load_gemma
+
+        enc = load_gemma(src, dtype=file_dtype(src), device="cpu")
+        return enc, enc.model, str(src), ()
+    if role == "jina":
+        from .text.jina import load_jina
+
+        enc = load_jina(src, dtype=file_dtype(src), device="cpu")
+        return enc, enc.model, str(src), ()
+    if role == "vae":
+        from .vae import load_vae
+
+        vae = load_vae(src, dtype=file_dtype(src), device="cpu")
+        return vae, vae.model, str(src), ()
+    raise ValueError(f"unknown model role {role!r}")
+
+
+def _dit_file(src: str | Path) -> Path:
+    p = Path(src)
+    if p.is_dir() and (p / "transformer").is_dir():
+        return p / "transformer"
+    return p

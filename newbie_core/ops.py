@@ -1,0 +1,86 @@
+"""Default injectable operations for the DiT: Linear, LayerNorm and RMSNorm in plain PyTorch.
+
+The DiT builds every weight-holding layer through an `operations` namespace so that ComfyUI can pass
+`comfy.ops.*` classes (same signatures) instead. These defaults follow the same rules as those:
+
+- no weight initialisation (a state dict always overwrites the weights, fp8 init would crash, and
+  building on `device="meta"` must be free); weights are uninitialised memory until loaded;
+- weights are cast to the input's dtype and device at call time when they differ (fp8 storage with
+  bf16 compute, or weights kept on another device by a low-VRAM loader).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _cast(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """`t` in `like`'s dtype and device (no copy when they already match)."""
+    if t is None:
+        return None
+    if t.dtype != like.dtype or t.device != like.device:
+        return t.to(device=like.device, dtype=like.dtype, non_blocking=True)
+    return t
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` without weight init; casts weight/bias to the input's dtype and device when needed."""
+
+    def reset_parameters(self) -> None:  # noqa: D401 - skip init on purpose
+        """Do nothing: weights come from a state dict."""
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x @ W.T + b` in `x`'s dtype on `x`'s device."""
+        return F.linear(x, _cast(self.weight, x), _cast(self.bias, x))
+
+
+class LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` without weight init; casts affine parameters (if any) to the input like `Linear`."""
+
+    def reset_parameters(self) -> None:
+        """Do nothing: weights (if any) come from a state dict."""
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Layer norm over the last `normalized_shape` dims."""
+        return F.layer_norm(x, self.normalized_shape, _cast(self.weight, x), _cast(self.bias, x), self.eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as in the official code: `(x·rsqrt(mean(x²)+eps))` in fp32, cast back, then × weight.
+
+    The weight is cast to the input's dtype and device at call time (it may be stored in fp8 or live on
+    another device). Signature matches `comfy.ops.*.RMSNorm` / `torch.nn.RMSNorm`.
+    """
+
+    def __init__(self, normalized_shape: int, eps: float | None = 1e-6, elementwise_affine: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.normalized_shape = (int(normalized_shape),)
+        self.eps = 1e-6 if eps is None else float(eps)
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise the last dimension of `x` (computed in fp32) and scale by the weight."""
+        xf = x.float()
+        out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        if self.weight is None:
+            return out
+        return out * _cast(self.weight, out)
+
+    def extra_repr(self) -> str:
+        """Shape and eps for `print(module)`."""
+        return f"{self.normalized_shape}, eps={self.eps}"
+
+
+class TorchOps:
+    """The default `operations` namespace: plain-PyTorch `Linear`, `LayerNorm`, `RMSNorm`."""
+
+    Linear = Linear
+    LayerNorm = LayerNorm
+    RMSNorm = RMSNorm

@@ -1,0 +1,235 @@
+"""The staged pipeline: text-encode → sample → decode, each stage holding only its own model on the device.
+
+    pipe = Pipeline(ModelPaths.from_dir("NewBie-image-Exp0.1"), precision={"dit": "bf16", "vae": "fp32"})
+    result = pipe.generate("1girl, smile", settings=GenerationSettings(width=1024, height=1024, seed=1))
+    result.images  # [B,3,H,W] float32 in [0,1], CPU;  result.ledger.table()
+
+Every stage loads its model onto the device for its work and releases it afterwards (unless `keep_loaded`),
+and records wall time and peak memory in the ledger. Prompt embeddings are cached, so a repeated prompt
+never loads the text encoders again.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+
+from .errors import StageOutOfMemoryError
+from .memory import EmbeddingCache, Ledger, StagedModel, default_device, empty_device_cache, file_identity, is_out_of_memory
+from .model_paths import ModelPaths
+from .precision import Precision, check_finite, parse_precision
+from .sampling import GuidedVelocity, make_noise, sample, validate_size
+from .text.encode import PromptEmbeddings, concat_embeddings
+from .text.prompts import SYSTEM_PROMPTS, gemma_text
+from .vae import LATENT_CHANNELS, VAE_SCALE_FACTOR
+
+log = logging.getLogger(__name__)
+LOW_VRAM_HINT = ("Lower-memory options: fp8_e4m3fn DiT precision (--precision dit=fp8_e4m3fn), a smaller image, "
+                 "batch 1, or the low-VRAM mode (--lowvram); inside ComfyUI start it with --lowvram.")
+
+
+@dataclass
+class GenerationSettings:
+    """Sampling settings. Defaults follow the official demo.py (18 grid points, midpoint, CFG 5, shift 6).
+
+    `steps` counts grid points as in the official code: N steps → N−1 intervals; euler evaluates the model
+    once per interval, midpoint twice. `cfg_trunc`: guidance only while t < cfg_trunc (t: 0 noise → 1 data);
+    ≥ 1 guides every step. `renorm` > 0 caps the guided velocity's norm at renorm × the cond velocity's norm.
+    """
+
+    width: int = 1024
+    height: int = 1024
+    steps: int = 18
+    cfg: float = 5.0
+    shift: float = 6.0
+    solver: str = "midpoint"
+    cfg_trunc: float = 0.25
+    renorm: float = 0.0
+    seed: int = 0
+    batch: int = 1
+
+
+@dataclass
+class GenerationResult:
+    """What `Pipeline.generate` returns: images [B,3,H,W] in [0,1], the scaled latents, and the ledger."""
+
+    images: torch.Tensor
+    latents: torch.Tensor
+    ledger: Ledger
+    notes: list[str] = field(default_factory=list)
+
+
+class Pipeline:
+    """NewBie-image-Exp0.1 as three stages with per-stage precision; see the module docstring."""
+
+    def __init__(self, paths: ModelPaths, device: torch.device | str | None = None,
+                 precision: dict[str, str] | None = None, keep_loaded: bool = False, attention: str = "auto",
+                 cache: EmbeddingCache | None = None):
+        self.paths = paths
+        self.device = torch.device(device) if device is not None else default_device()
+        self.precision_names = {"dit": "bf16", "text": "bf16", "vae": "auto", **(precision or {})}
+        self.keep_loaded = keep_loaded
+        self.attention = attention
+        self.cache = cache if cache is not None else EmbeddingCache()
+        self.ledger = Ledger()
+        self._models: dict[str, StagedModel] = {}
+        self._wrappers: dict[str, object] = {}
+
+    # ---------------------------------------------------------------- models
+    def precision(self, stage: str) -> Precision:
+        """The resolved precision of `stage` (`dit`, `gemma`, `jina`, `vae`) on this pipeline's device."""
+        name = self.precision_names["text" if stage in ("gemma", "jina") else stage]
+        return parse_precision(name, stage, self.device)
+
+    def set_precision(self, stage: str, name: str) -> None:
+        """Change a stage's precision; the next use re-casts from the kept CPU copy (no disk read)."""
+        parse_precision(name, stage, self.device)
+        self.precision_names[stage] = name
+
+    def _load(self, role: str) -> StagedModel:
+        if role not in self._models:
+            from .loading import load_role
+            wrapper, module, source, cpu_only = load_role(role, self.paths, attention=self.attention)
+            self._wrappers[role] = wrapper
+            self._models[role] = StagedModel(role, module, source, cpu_only)
+        return self._models[role]
+
+    def _acquire(self, role: str):
+        staged = self._load(role)
+        staged.acquire(self.device, self.precision(role))
+        return self._wrappers[role]
+
+    def _done_with(self, role: str) -> None:
+        if not self.keep_loaded and role in self._models:
+            self._models[role].release()
+
+    def release_all(self) -> None:
+        """Move every model back to its CPU copy and clear the device cache."""
+        for m in self._models.values():
+            m.release()
+        empty_device_cache(self.device)
+
+    def unload_all(self) -> None:
+        """Forget every loaded model (CPU copies too) and the embedding cache."""
+        self.release_all()
+        self._models.clear()
+        self._wrappers.clear()
+        self.cache.clear()
+        empty_device_cache(self.device)
+
+    def describe_models(self) -> list[dict]:
+        """Every model the pipeline holds, with device, dtype and size."""
+        return [m.describe() for m in self._models.values()]
+
+    # ---------------------------------------------------------------- stages
+    def _cache_key(self, prompt: str, system_prompt: str) -> tuple:
+        return (prompt, gemma_text(prompt, system_prompt), file_identity(self.paths.gemma),
+                file_identity(self.paths.jina), self.precision_names["text"])
+
+    def encode(self, prompts: list[str], system_prompt: str = SYSTEM_PROMPTS["xml"]) -> list[PromptEmbeddings]:
+        """Encode prompts (each batch 1, on the CPU), through the embedding cache; the text stage."""
+        out: list[PromptEmbeddings | None] = [self.cache.get(self._cache_key(p, system_prompt)) for p in prompts]
+        todo = [i for i, e in enumerate(out) if e is None]
+        if not todo:
+            return out  # type: ignore[return-value]
+        with self.ledger.stage("text", self.device) as rec:
+            try:
+                gemma = self._acquire("gemma")
+                feats = [gemma.encode([gemma_text(prompts[i], system_prompt)]) for i in todo]
+                self._done_with("gemma")
+                jina = self._acquire("jina")
+                pooled = [jina.encode([prompts[i]]) for i in todo]
+                self._done_with("jina")
+            except BaseException as e:
+                self._fail("text", e)
+            prec = self.precision("gemma")
+            for i, (f, m), p in zip(todo, feats, pooled):
+                emb = PromptEmbeddings(cap_feats=check_finite(f, "text (Gemma)", prec).float().cpu(),
+                                       cap_mask=m.cpu(), pooled=check_finite(p, "text (Jina)", prec).float().cpu())
+                self.cache.put(self._cache_key(prompts[i], system_prompt), emb)
+                out[i] = emb
+            rec.notes.append(f"{len(todo)} encoded, {len(prompts) - len(todo)} from cache")
+        return out  # type: ignore[return-value]
+
+    def sample(self, cond: PromptEmbeddings, uncond: PromptEmbeddings, settings: GenerationSettings,
+               callback: Callable | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the sampler; returns scaled latents [B,16,H/8,W/8] (fp32, CPU); the DiT stage."""
+        validate_size(settings.width, settings.height)
+        b = settings.batch
+        noise = latents if latents is not None else make_noise(
+            settings.seed, b, settings.height // VAE_SCALE_FACTOR, settings.width // VAE_SCALE_FACTOR, LATENT_CHANNELS)
+        cond_b = concat_embeddings([cond] * b)
+        guided_b = concat_embeddings([cond] * b + [uncond] * b)
+        with self.ledger.stage("dit", self.device) as rec:
+            try:
+                dit = self._acquire("dit")
+                compute = self.precision("dit").compute
+                h, w = noise.shape[-2:]
+                batches = {False: self._to_device(cond_b, compute, dit, h, w),
+                           True: self._to_device(guided_b, compute, dit, h, w)}
+
+                def model_call(x: torch.Tensor, t: torch.Tensor, guided: bool) -> torch.Tensor:
+                    feats, mask, pooled, layout = batches[guided]
+                    v = dit(x.to(self.device, compute), t.to(self.device), feats, mask, pooled, layout=layout)
+                    return v.float()
+
+                velocity = GuidedVelocity(model_call, settings.cfg, settings.cfg_trunc, settings.renorm)
+                x = sample(velocity, noise.to(self.device), settings.steps, settings.solver, settings.shift, callback)
+                check_finite(x, "DiT sampling", self.precision("dit"))
+                x = x.float().cpu()
+            except BaseException as e:
+                self._fail("dit", e)
+            finally:
+                batches = None  # noqa: F841 - drop device copies of the embeddings
+                self._done_with("dit")
+            rec.notes.append(f"{settings.steps} steps {settings.solver}, cfg {settings.cfg}")
+        return x
+
+    def _to_device(self, emb: PromptEmbeddings, dtype: torch.dtype, dit, h: int, w: int):
+        mask = emb.cap_mask.to(self.device)
+        layout = dit.prepare(mask, h, w) if hasattr(dit, "prepare") else None
+        return emb.cap_feats.to(self.device, dtype), mask, emb.pooled.to(self.device, dtype), layout
+
+    def decode(self, latents: torch.Tensor, tiled: bool = False) -> tuple[torch.Tensor, list[str]]:
+        """Decode scaled latents to images [B,3,H,W] in [0,1] (fp32, CPU); the VAE stage. Returns notes too."""
+        notes: list[str] = []
+        with self.ledger.stage("vae", self.device) as rec:
+            try:
+                vae = self._acquire("vae")
+                if tiled:
+                    images, used_tiled = vae.decode(latents.to(self.device), tiled=True), True
+                else:
+                    images, used_tiled = vae.decode_with_fallback(latents.to(self.device))
+                if used_tiled and not tiled:
+                    notes.append("out of memory in full decode: decoded in tiles instead")
+                check_finite(images, "VAE decode", self.precision("vae"))
+                images = images.float().cpu()
+            except BaseException as e:
+                self._fail("vae", e)
+            finally:
+                self._done_with("vae")
+            rec.notes.extend(notes or (["tiled"] if tiled else []))
+        return images, notes
+
+    def _fail(self, stage: str, exc: BaseException):
+        """Release everything a failed stage held; turn OOM into an explanatory error; re-raise."""
+        self.release_all()
+        if is_out_of_memory(exc):
+            raise StageOutOfMemoryError(
+                f"Out of memory in the {stage} stage on {self.device}; all models were released. {LOW_VRAM_HINT}"
+            ) from exc
+        raise exc
+
+    def generate(self, prompt: str, negative: str = "", settings: GenerationSettings | None = None,
+                 system_prompt: str = SYSTEM_PROMPTS["xml"], callback: Callable | None = None,
+                 tiled_decode: bool = False) -> GenerationResult:
+        """Text-encode → sample → decode one request; returns images, latents and this run's ledger."""
+        settings = replace(settings) if settings is not None else GenerationSettings()
+        validate_size(settings.width, settings.height)
+        self.ledger = Ledger()
+        cond, uncond = self.encode([prompt, negative], system_prompt)
+        latents = self.sample(cond, uncond, settings, callback)
+        images, notes = self.decode(latents, tiled=tiled_decode)
+        return GenerationResult(images=images, latents=latents, ledger=self.ledger, notes=notes)

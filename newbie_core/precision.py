@@ -1,0 +1,142 @@
+"""Precision policy: which dtype each stage stores its weights in and computes in, fp8 storage, NaN checks.
+
+One place decides dtypes. A stage precision is one of
+
+    bf16         weights and compute in bfloat16 (the default; what the model was trained and released in)
+    fp16         weights and compute in float16 (norms, RoPE and softmax stay fp32 inside the models)
+    fp32         weights and compute in float32 (slow, the numerical reference)
+    fp8_e4m3fn   weights stored in float8 e4m3fn, dequantised to bf16 per layer at compute time
+                 (DiT and Gemma only: it halves their memory; Jina and the VAE fall back to bf16)
+
+`Precision.storage` is the dtype weights occupy on the device, `Precision.compute` the activation dtype.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError, NumericalError
+
+log = logging.getLogger(__name__)
+
+FP8 = getattr(torch, "float8_e4m3fn", None)
+STAGES = ("dit", "text", "vae")
+PRECISION_NAMES = ("bf16", "fp16", "fp32", "fp8_e4m3fn")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32",
+            "fp8": "fp8_e4m3fn", "float8_e4m3fn": "fp8_e4m3fn", "default": "bf16", "auto": "auto"}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A resolved stage precision: the name a user chose, the storage dtype and the compute dtype."""
+
+    name: str
+    storage: torch.dtype
+    compute: torch.dtype
+
+    @property
+    def is_fp8(self) -> bool:
+        """True when weights are stored in float8 and dequantised per layer."""
+        return FP8 is not None and self.storage == FP8
+
+
+def parse_precision(name: str, stage: str = "dit", device: torch.device | str | None = None) -> Precision:
+    """Resolve a user-facing precision name for one stage (`dit`, `text`, `gemma`, `jina` or `vae`).
+
+    `auto` means bf16 where the device computes bf16 well, else fp32 (the VAE on older GPUs, CPUs for tests).
+    fp8 is weight storage only and applies to the DiT and Gemma; for Jina and the VAE it resolves to bf16.
+    """
+    key = _ALIASES.get(str(name).strip().lower(), str(name).strip().lower())
+    if key == "auto":
+        key = "bf16" if device_supports_bf16(device) else "fp32"
+    if key not in PRECISION_NAMES:
+        raise InputError(f"Unknown {stage} precision {name!r}: choose one of {', '.join(PRECISION_NAMES)} (or auto).")
+    if key == "fp8_e4m3fn":
+        if FP8 is None:
+            raise InputError("This torch has no float8_e4m3fn; choose bf16 (torch >= 2.1 is needed for fp8).")
+        if stage in ("jina", "vae"):
+            log.info("fp8 storage is for the DiT and Gemma; the %s runs in bf16", stage)
+            return Precision("bf16", torch.bfloat16, torch.bfloat16)
+        return Precision(key, FP8, torch.bfloat16)
+    return Precision(key, _DTYPES[key], _DTYPES[key])
+
+
+def parse_precision_spec(spec: str | None) -> dict[str, str]:
+    """Parse the CLI form `dit=bf16,text=fp8_e4m3fn,vae=fp32` into {stage: name}; missing stages default.
+
+    Defaults: dit bf16, text bf16, vae auto (bf16 on GPUs that do bf16, fp32 elsewhere).
+    """
+    out = {"dit": "bf16", "text": "bf16", "vae": "auto"}
+    for part in filter(None, (spec or "").split(",")):
+        if "=" not in part:
+            raise InputError(f"--precision part {part!r} is not STAGE=NAME (e.g. dit=bf16,text=bf16,vae=fp32).")
+        stage, name = (s.strip() for s in part.split("=", 1))
+        if stage not in STAGES:
+            raise InputError(f"--precision stage {stage!r} is unknown: use {', '.join(STAGES)}.")
+        parse_precision(name, stage)  # validate early
+        out[stage] = name
+    return out
+
+
+def device_supports_bf16(device: torch.device | str | None) -> bool:
+    """True where bf16 compute is native: CUDA devices with bf16 support (Ampere+); False on CPU/MPS."""
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return False
+
+
+class Fp8StorageLinear(nn.Linear):
+    """nn.Linear whose weight may be stored in a narrow dtype and is cast to the input's dtype per call.
+
+    Modules are switched to this class in place (`__class__` swap) by `set_linear_storage`, so any model
+    (our DiT, transformers' Gemma) gains fp8 storage without being rebuilt.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - nn.Linear.forward
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, w, b)
+
+
+def linear_modules(module: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """All nn.Linear submodules (name, module) of `module`."""
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+
+
+def set_linear_storage(module: nn.Module, fp8: bool) -> None:
+    """Make every nn.Linear in `module` accept fp8-stored weights (fp8=True) or restore plain nn.Linear."""
+    for _, m in linear_modules(module):
+        if fp8 and type(m) is nn.Linear:
+            m.__class__ = Fp8StorageLinear
+        elif not fp8 and type(m) is Fp8StorageLinear:
+            m.__class__ = nn.Linear
+
+
+def target_dtype(param_name: str, tensor: torch.Tensor, precision: Precision, fp8_params: set[str]) -> torch.dtype:
+    """The dtype a weight takes on the device: fp8 for Linear weights under fp8, else the compute dtype.
+
+    Non-floating tensors (token ids, counters) keep their dtype.
+    """
+    if not tensor.is_floating_point():
+        return tensor.dtype
+    if precision.is_fp8 and param_name in fp8_params:
+        return precision.storage
+    return precision.compute
+
+
+def check_finite(x: torch.Tensor, stage: str, precision: Precision | str | None = None) -> torch.Tensor:
+    """Raise NumericalError naming the stage (and a safer precision) if `x` holds NaN or inf; else return x."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        name = precision.name if isinstance(precision, Precision) else (precision or "?")
+        hint = ("fp16 overflows in this model family; use bf16 (or fp32)" if name == "fp16"
+                else "try fp32 for this stage, or bf16 if it ran in fp8")
+        raise NumericalError(
+            f"The {stage} stage produced NaN/inf values in {name}: {hint}. Nothing was saved from this run."
+        )
+    return x

@@ -1,0 +1,291 @@
+"""Sampling: the shifted time grid, official CFG (cfg_trunc, renorm), the ODE solvers and seeded noise (spec §4).
+
+Pure functions with no model knowledge. Conventions (docs/ARCHITECTURE.md): t = 0 is noise, t = 1 is data,
+the model predicts the velocity v = data − noise, and the ODE state is fp32.
+
+Solvers, matching the official `transport/` code:
+
+| solver     | `steps` means                        | intervals | model evaluations |
+|------------|--------------------------------------|-----------|-------------------|
+| `euler`    | grid points (torchdiffeq fixed grid) | steps − 1 | steps − 1         |
+| `midpoint` | grid points (torchdiffeq fixed grid) | steps − 1 | 2·(steps − 1)     |
+| `dpmpp_2m` | intervals (official `sample_dpm`)    | steps     | steps             |
+
+So the demo default "18 steps, midpoint" is 17 intervals and 34 evaluations (each a CFG pair while guiding).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
+
+SOLVERS = ("euler", "midpoint", "dpmpp_2m")
+_ALIASES = {"dpm": "dpmpp_2m", "dpm++2m": "dpmpp_2m", "dpmpp2m": "dpmpp_2m"}
+# Official `sample_dpm`: NoiseScheduleFlow T = 1, t_end = 1 / total_N = 0.001 (in the solver's σ-like time).
+_DPM_T_START = 1.0
+_DPM_T_END = 0.001
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ModelCall = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
+
+
+@dataclass
+class StepInfo:
+    """What a sampler callback receives after each interval.
+
+    `step` is the 0-based index of the interval just finished (of `total`), `x` the fp32 state after it,
+    `t` its time (0 noise → 1 data), and `denoised` the data prediction `x' + (1 − t')·v` of the latest
+    model evaluation (for previews; the final state itself after the last dpm++ interval).
+    """
+
+    step: int
+    total: int
+    x: torch.Tensor
+    t: float
+    denoised: torch.Tensor
+
+
+def _normalise_solver(solver: str) -> str:
+    name = str(solver).strip().lower()
+    name = _ALIASES.get(name, name)
+    if name not in SOLVERS:
+        raise InputError(f"Unknown solver {solver!r}; choose one of: {', '.join(SOLVERS)}.")
+    return name
+
+
+def _check_steps(steps: int) -> int:
+    if isinstance(steps, bool) or int(steps) != steps or steps < 2:
+        raise InputError(f"steps must be an integer ≥ 2 (got {steps!r}).")
+    return int(steps)
+
+
+def time_grid(steps: int, shift: float) -> torch.Tensor:
+    """The official shifted grid: `steps` fp32 points from 0 to 1 (= steps − 1 intervals).
+
+    `t = linspace(0, 1, steps)` then `t ← t / (t + s − s·t)` (= t / (s − (s−1)·t)); in σ = 1 − t this is
+    ComfyUI's `σ' = s·σ / (1 + (s−1)·σ)`. Computed exactly as `transport/integrators.py` does, in fp32.
+    """
+    steps = _check_steps(steps)
+    if not shift > 0:
+        raise InputError(f"shift must be > 0 (got {shift!r}).")
+    t = torch.linspace(0.0, 1.0, steps, dtype=torch.float32)
+    return t / (t + shift - shift * t)
+
+
+def evaluations(steps: int, solver: str) -> int:
+    """Model evaluations (velocity_fn calls, each a CFG pair while guiding) that `sample` makes."""
+    steps = _check_steps(steps)
+    solver = _normalise_solver(solver)
+    if solver == "euler":
+        return steps - 1
+    if solver == "midpoint":
+        return 2 * (steps - 1)
+    return steps  # dpmpp_2m: one per interval; the last interval needs none, the first needs one extra
+
+
+class GuidedVelocity:
+    """Official classifier-free guidance (`NextDiT_CLIP.forward_with_cfg`) around a batched model call.
+
+    `model_call(x_batch, t_batch, guided)`: when `guided`, `x_batch = cat([x, x])` and the caller feeds the
+    [cond; uncond] embeddings (2B rows); otherwise only the B cond rows are passed. It returns velocities.
+
+    While `t < cfg_trunc` (checked on the first sample's time, as the official `t[0] < cfg_trunc`) the
+    result is `u + cfg·(c − u)` on all channels, then optionally renormalised: with `renorm > 0`, samples
+    whose guided norm (over C,H,W) is ≥ `renorm·‖c‖` are rescaled to `renorm·‖c‖`. From `cfg_trunc` on, only
+    the cond rows run (the uncond pass is skipped). With `cfg == 1` only the cond rows run at all
+    (`u + 1·(c − u) = c`); renorm is still applied there exactly as the official code would.
+    """
+
+    def __init__(self, model_call: ModelCall, cfg: float = 1.0, cfg_trunc: float = 100.0, renorm: float = 0.0):
+        """Wrap `model_call` with guidance scale `cfg`, truncation time `cfg_trunc` and renorm factor `renorm`."""
+        if not math.isfinite(float(cfg)):
+            raise InputError(f"cfg must be a finite number (got {cfg!r}).")
+        if float(renorm) < 0:
+            raise InputError(f"renorm must be ≥ 0 (0 = off; got {renorm!r}).")
+        self.model_call = model_call
+        self.cfg = float(cfg)
+        self.cfg_trunc = float(cfg_trunc)
+        self.renorm = float(renorm)
+
+    def guiding(self, t: float) -> bool:
+        """Whether guidance is active at time `t` (official: `t[0] < cfg_trunc`)."""
+        return float(t) < self.cfg_trunc
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Guided velocity (fp32) for state `x` [B,C,H,W] at times `t` [B]."""
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        active = self.guiding(t[0])  # host value decides which passes run (one sync per evaluation)
+        if not active:
+            return self.model_call(x, t, False).float()
+        if self.cfg == 1.0:
+            cond = self.model_call(x, t, False).float()
+            return self._renorm(cond, cond)
+        out = self.model_call(torch.cat([x, x]), torch.cat([t, t]), True).float()
+        cond, uncond = out.chunk(2, dim=0)
+        guided = uncond + self.cfg * (cond - uncond)
+        return self._renorm(guided, cond)
+
+    def _renorm(self, guided: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if self.renorm <= 0.0:
+            return guided
+        dims = tuple(range(1, guided.ndim))
+        max_norm = torch.linalg.vector_norm(cond, dim=dims, keepdim=True) * self.renorm
+        new_norm = torch.linalg.vector_norm(guided, dim=dims, keepdim=True)
+        scale = max_norm / new_norm.clamp_min(torch.finfo(new_norm.dtype).tiny)
+        return torch.where(new_norm >= max_norm, guided * scale, guided)
+
+
+def _time_vector(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), float(t), dtype=torch.float32, device=x.device)
+
+
+def _velocity(velocity_fn: VelocityFn, x: torch.Tensor, t) -> torch.Tensor:
+    v = velocity_fn(x, _time_vector(t, x))
+    if v.shape != x.shape:
+        raise ValueError(f"velocity_fn returned shape {tuple(v.shape)} for a state of shape {tuple(x.shape)}.")
+    return v.float()
+
+
+def _sample_fixed_grid(velocity_fn, x, steps, shift, midpoint, callback):
+    # torchdiffeq FixedGridODESolver semantics: dt = t1 − t0 (fp32), y1 = y0 + dt·f(t0, y0) for euler;
+    # midpoint: y_mid = y0 + f0·dt/2, y1 = y0 + dt·f(t0 + dt/2, y_mid).
+    grid = time_grid(steps, shift)
+    total = steps - 1
+    for i in range(total):
+        t0, t1 = grid[i], grid[i + 1]
+        dt = t1 - t0
+        f0 = _velocity(velocity_fn, x, t0)
+        if midpoint:
+            half_dt = 0.5 * dt
+            t_mid = t0 + half_dt
+            x_mid = x + f0 * half_dt.item()
+            f_mid = _velocity(velocity_fn, x_mid, t_mid)
+            denoised = x_mid + (1.0 - t_mid.item()) * f_mid
+            x = x + dt.item() * f_mid
+        else:
+            denoised = x + (1.0 - t0.item()) * f0
+            x = x + dt.item() * f0
+        if callback is not None:
+            callback(StepInfo(step=i, total=total, x=x, t=float(t1), denoised=denoised))
+    return x
+
+
+def dpm_sigmas(steps: int, shift: float) -> torch.Tensor:
+    """Official `time_uniform_flow` grid of `sample_dpm` (steps + 1 values, fp32): σ from ≈1 (noise) down to 0.
+
+    `u = 1 − linspace(1, 0.001, steps + 1)`, `σ = s·u / (1 + (s−1)·u)`, flipped; the model runs at t = 1 − σ.
+    """
+    steps = _check_steps(steps)
+    betas = torch.linspace(_DPM_T_START, _DPM_T_END, steps + 1, dtype=torch.float32)
+    u = 1.0 - betas
+    return (shift * u / (1 + (shift - 1) * u)).flip(dims=[0])
+
+
+def _lam(sigma: float) -> float:
+    """Half log-SNR of the flow schedule, log(α/σ) with α = 1 − σ (inf at σ = 0)."""
+    return math.inf if sigma <= 0.0 else math.log(1.0 - sigma) - math.log(sigma)
+
+
+def _sample_dpmpp_2m(velocity_fn, x, steps, shift, callback):
+    # DPM-Solver++ (data prediction), multistep order 2, "dpmsolver" type, lower_order_final=True, exactly as
+    # the official DPM_Solver.sample(method="multistep", order=2, skip_type="time_uniform_flow").
+    # The official data prediction (x − σ·noise)/α with noise = x − α·v simplifies to x + σ·v, which we use
+    # (same value, without the fp32 cancellation near σ = 1). Scalar coefficients are computed in float64.
+    sig_t = dpm_sigmas(steps, shift)
+    sig = [float(s) for s in sig_t]
+    model_t = 1.0 - sig_t  # fp32, as the official `1 - t_continuous`
+
+    def data_pred(x_, k):
+        return x_ + sig[k] * _velocity(velocity_fn, x_, model_t[k])
+
+    m_prev = [data_pred(x, 0)]  # model values at the last (up to) two grid points
+    k_prev = [0]
+    for k in range(1, steps + 1):
+        order = 1 if k == 1 else min(2, steps + 1 - k)
+        s0, st = sig[k_prev[-1]], sig[k]
+        h = _lam(st) - _lam(s0)
+        phi_1 = math.expm1(-h)
+        alpha_t = 1.0 - st
+        ratio = st / s0
+        if order == 1:
+            x = ratio * x - (alpha_t * phi_1) * m_prev[-1]
+        else:
+            h_0 = _lam(s0) - _lam(sig[k_prev[-2]])
+            r0 = h_0 / h
+            d1 = (1.0 / r0) * (m_prev[-1] - m_prev[-2])
+            x = ratio * x - (alpha_t * phi_1) * m_prev[-1] - 0.5 * (alpha_t * phi_1) * d1
+        k_prev = (k_prev + [k])[-2:]
+        if k < steps:
+            m_prev = (m_prev + [data_pred(x, k)])[-2:]
+            denoised = m_prev[-1]
+        else:
+            denoised = x
+        if callback is not None:
+            callback(StepInfo(step=k - 1, total=steps, x=x, t=float(model_t[k]), denoised=denoised))
+    return x
+
+
+@torch.no_grad()
+def sample(
+    velocity_fn: VelocityFn,
+    noise: torch.Tensor,
+    steps: int,
+    solver: str = "euler",
+    shift: float = 6.0,
+    callback: Optional[Callable[[StepInfo], None]] = None,
+) -> torch.Tensor:
+    """Integrate dx/dt = velocity_fn(x, t) from noise (t = 0) to data (t = 1); returns the fp32 final state.
+
+    `velocity_fn(x, t)` gets the fp32 state [B,C,H,W] and a fp32 time vector [B] (e.g. a `GuidedVelocity`).
+    `solver`: "euler" / "midpoint" (torchdiffeq fixed-grid semantics on `time_grid(steps, shift)`, `steps`
+    grid points) or "dpmpp_2m" (official `sample_dpm`, `steps` intervals, flow_shift = `shift`); see the
+    module docstring for step counts and `evaluations()`. `callback(StepInfo)` runs after every interval;
+    an exception raised there (e.g. `InterruptedByUser`) propagates and cancels sampling.
+    """
+    solver = _normalise_solver(solver)
+    steps = _check_steps(steps)
+    if not shift > 0:
+        raise InputError(f"shift must be > 0 (got {shift!r}).")
+    x = noise.float()
+    if solver == "dpmpp_2m":
+        return _sample_dpmpp_2m(velocity_fn, x, steps, float(shift), callback)
+    return _sample_fixed_grid(velocity_fn, x, steps, float(shift), solver == "midpoint", callback)
+
+
+def validate_size(width: int, height: int) -> tuple[int, int]:
+    """Check an image size (pixels): both > 0 and multiples of 16; raise InputError naming the nearest valid size."""
+    def nearest(v) -> int:
+        return max(16, int(round(float(v) / 16.0)) * 16)
+
+    bad = [f"{name} {v}" for name, v in (("width", width), ("height", height))
+           if isinstance(v, bool) or not float(v).is_integer() or v <= 0 or int(v) % 16]
+    if bad:
+        raise InputError(
+            f"Image size {width}×{height} is not valid ({', '.join(bad)}): width and height must be positive "
+            f"multiples of 16. Nearest valid size: {nearest(width)}×{nearest(height)}."
+        )
+    return int(width), int(height)
+
+
+def make_noise(seed: int, batch: int, height: int, width: int, channels: int = 16) -> torch.Tensor:
+    """Seeded starting noise [batch, channels, height/8, width/8] (fp32, CPU) for an image of height×width pixels.
+
+    Drawn from `torch.Generator("cpu").manual_seed(seed)` in one call for the whole batch (as ComfyUI's
+    `prepare_noise`), so it does not depend on the device and every seed (0 included) is reproducible.
+    Move it to the sampling device afterwards.
+    """
+    validate_size(width, height)
+    if isinstance(batch, bool) or int(batch) != batch or batch < 1:
+        raise InputError(f"batch size must be an integer ≥ 1 (got {batch!r}).")
+    if isinstance(seed, bool) or int(seed) != seed:
+        raise InputError(f"seed must be an integer (got {seed!r}).")
+    gen = torch.Generator("cpu").manual_seed(int(seed) % (2**64))
+    shape = (int(batch), int(channels), int(height) // 8, int(width) // 8)
+    return torch.randn(shape, generator=gen, dtype=torch.float32, device="cpu")
