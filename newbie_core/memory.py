@@ -129,6 +129,8 @@ class StagedModel:
     def release(self) -> None:
         """Point every tensor back at the pristine CPU copy, dropping the device copy, and clear caches."""
         if self.device.type == "cpu" and (self.precision is None or self.precision.storage == self.pristine_dtype):
+            self.precision = None  # the "copy" aliased the pristine tensors: nothing to free
+            set_linear_storage(self.module, False)
             return
         old_device = self.device
         with torch.no_grad():

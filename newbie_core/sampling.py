@@ -275,17 +275,17 @@ def validate_size(width: int, height: int) -> tuple[int, int]:
 
 
 def make_noise(seed: int, batch: int, height: int, width: int, channels: int = 16) -> torch.Tensor:
-    """Seeded starting noise [batch, channels, height/8, width/8] (fp32, CPU) for an image of height×width pixels.
+    """Seeded starting noise [batch, channels, height, width] (fp32, CPU); height/width are LATENT sizes (pixels / 8).
 
     Drawn from `torch.Generator("cpu").manual_seed(seed)` in one call for the whole batch (as ComfyUI's
     `prepare_noise`), so it does not depend on the device and every seed (0 included) is reproducible.
-    Move it to the sampling device afterwards.
+    Move it to the sampling device afterwards. Validate the pixel size with `validate_size` first.
     """
-    validate_size(width, height)
-    if isinstance(batch, bool) or int(batch) != batch or batch < 1:
-        raise InputError(f"batch size must be an integer ≥ 1 (got {batch!r}).")
+    for name, v in (("batch size", batch), ("latent height", height), ("latent width", width), ("channels", channels)):
+        if isinstance(v, bool) or int(v) != v or v < 1:
+            raise InputError(f"{name} must be an integer ≥ 1 (got {v!r}).")
     if isinstance(seed, bool) or int(seed) != seed:
         raise InputError(f"seed must be an integer (got {seed!r}).")
     gen = torch.Generator("cpu").manual_seed(int(seed) % (2**64))
-    shape = (int(batch), int(channels), int(height) // 8, int(width) // 8)
+    shape = (int(batch), int(channels), int(height), int(width))
     return torch.randn(shape, generator=gen, dtype=torch.float32, device="cpu")
