@@ -243,7 +243,8 @@ class ComfyServer:
                 raise TimeoutError(f"prompt {prompt_id} not finished after {timeout} s; log tail:\n{self.log_tail()}")
             time.sleep(poll)
         if check and entry["status"].get("status_str") != "success":
-            msgs = [m for m in entry["status"].get("messages", []) if m[0] in ("execution_error", "execution_interrupted")]
+            msgs = [m for m in entry["status"].get("messages", [])
+                    if m[0] in ("execution_error", "execution_interrupted")]
             raise PromptError(f"prompt {prompt_id} ended {entry['status'].get('status_str')}: "
                               f"{json.dumps(msgs, indent=1)[:4000]}\nlog tail:\n{self.log_tail()}", entry=entry)
         return entry
@@ -284,9 +285,17 @@ class EventListener:
         with srv.listen() as ws:
             pid = srv.queue_prompt(graph, client_id=ws.client_id)
             events = ws.wait_done(pid, timeout=60)   # [(type, data), ...] for that prompt
+
+    Order for one prompt: execution_start, execution_cached, then per node executing/progress/progress_state/
+    executed, then execution_success | execution_error | execution_interrupted, and last
+    executing {"node": None} (sent by main.py after the /history entry is written).
     """
 
     DONE = ("execution_success", "execution_error", "execution_interrupted")
+
+    @staticmethod
+    def _is_last(t: str, d: dict, prompt_id: str) -> bool:
+        return t == "executing" and d.get("node") is None and d.get("prompt_id") == prompt_id
 
     def __init__(self, server: ComfyServer):
         import websocket  # websocket-client
@@ -326,10 +335,10 @@ class EventListener:
             return [(t, d) for t, d in self.events if t != "status" and d.get("prompt_id", prompt_id) == prompt_id]
 
     def wait_done(self, prompt_id: str, timeout: float = 60.0) -> list[tuple[str, dict]]:
-        """Block until execution_success/_error/_interrupted for prompt_id; return its events."""
+        """Block until the final `executing` {node: None} of prompt_id; return its events."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while not any(t in self.DONE and d.get("prompt_id") == prompt_id for t, d in self.events):
+            while not any(self._is_last(t, d, prompt_id) for t, d in self.events):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"no end event for {prompt_id} within {timeout} s; got "

@@ -16,14 +16,19 @@ import pytest
 from comfy_server import ComfyServer, find_comfyui
 
 NO_COMFY = "no ComfyUI tree: set COMFYUI_DIR=... (see README)"
+COMFY_DIR = find_comfyui()
+
+
+def pytest_runtest_setup(item):
+    # Raised from a hook (not a fixture), so pytest reports this line for every test: ONE summary line.
+    # (A module-level skip here would break `pytest tests/integration`, where this is an initial conftest.)
+    if COMFY_DIR is None:
+        pytest.skip(NO_COMFY)
 
 
 @pytest.fixture(scope="session")
 def comfy_dir() -> Path:
-    found = find_comfyui()
-    if found is None:
-        pytest.skip(NO_COMFY)
-    return found
+    return COMFY_DIR
 
 
 @pytest.fixture(scope="session")
@@ -50,12 +55,19 @@ def tiny_model_files(root: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny")
-    try:
-        from newbie_core.tiny import make_tiny
+def comfy_tiny_files(request, tmp_path_factory) -> dict[str, Path]:
+    """{"<models folder>/<file>": path} of the tiny ComfyUI single files.
 
-        make_tiny(root)
+    Reuses the session's shared tiny set (tests/conftest.py `tiny_models`, which has a "root") when there is one,
+    else calls make_tiny itself."""
+    try:
+        try:
+            root = Path(request.getfixturevalue("tiny_models")["root"])
+        except (pytest.FixtureLookupError, KeyError, TypeError):
+            from newbie_core.tiny import make_tiny
+
+            root = tmp_path_factory.mktemp("tiny_comfy")
+            make_tiny(root)
         files = tiny_model_files(root)
     except ImportError as e:
         pytest.fail(f"newbie_core.tiny.make_tiny is not usable yet ({e}); the integration tests that need "
@@ -67,7 +79,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def comfy(comfy_server, tiny_models) -> ComfyServer:
+def comfy(comfy_server, comfy_tiny_files) -> ComfyServer:
     """The session server, with the tiny models in models/diffusion_models, text_encoders and vae."""
-    comfy_server.place_models(tiny_models)
+    comfy_server.place_models(comfy_tiny_files)
     return comfy_server
