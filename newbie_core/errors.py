@@ -5,6 +5,8 @@ and says how to fix it. ComfyUI shows the message on the node; the CLI prints it
 """
 from __future__ import annotations
 
+import torch
+
 
 class NewBieError(Exception):
     """Base class: a problem the user can fix; the message says what and how."""
@@ -22,8 +24,11 @@ class NumericalError(NewBieError, FloatingPointError):
     """A stage produced NaN or inf (usually fp16 overflow)."""
 
 
-class StageOutOfMemoryError(NewBieError, MemoryError):
-    """A stage ran out of device memory; models were released and the message lists lower-memory options."""
+class StageOutOfMemoryError(NewBieError, torch.OutOfMemoryError):
+    """A stage ran out of device memory; models were released and the message lists lower-memory options.
+
+    A torch.OutOfMemoryError subclass, so hosts (ComfyUI) apply their own out-of-memory handling too.
+    """
 
 
 class InterruptedByUser(NewBieError):

@@ -140,3 +140,24 @@ def check_finite(x: torch.Tensor, stage: str, precision: Precision | str | None 
             f"The {stage} stage produced NaN/inf values in {name}: {hint}. Nothing was saved from this run."
         )
     return x
+
+
+def cast_module(module: nn.Module, precision: Precision) -> nn.Module:
+    """Cast `module` in place to `precision` (fp8: Linear weights stored in fp8, the rest in bf16).
+
+    For hosts that manage devices themselves (ComfyUI's ModelPatcher) and need no pristine copy;
+    the CLI pipeline uses `memory.StagedModel` instead. Non-persistent buffers (RoPE tables) keep their dtype.
+    """
+    fp8_params = {f"{n}.weight" for n, _ in linear_modules(module)}
+    set_linear_storage(module, precision.is_fp8)
+    with torch.no_grad():
+        for mod_name, mod in module.named_modules():
+            skip = getattr(mod, "_non_persistent_buffers_set", set())
+            for pname, p in mod._parameters.items():
+                if p is not None and p.is_floating_point():
+                    full = f"{mod_name}.{pname}" if mod_name else pname
+                    p.data = p.data.to(target_dtype(full, p, precision, fp8_params))
+            for bname, b in list(mod._buffers.items()):
+                if b is not None and b.is_floating_point() and bname not in skip:
+                    mod._buffers[bname] = b.to(precision.compute)
+    return module
