@@ -1,0 +1,120 @@
+"""Loader nodes: DiT (MODEL), text encoders (Gemma3 + Jina CLIP v2), VAE. Each picks its precision and device."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..newbie_core.attention import flash_attn_available
+from ..newbie_core.loading import file_dtype
+from ..newbie_core.precision import cast_module, parse_precision
+from ..newbie_core.text.gemma import load_gemma
+from ..newbie_core.text.jina import load_jina
+from ..newbie_core.vae import load_vae
+from . import _comfy
+from .types import NEWBIE_TEXT_ENCODERS, NEWBIE_VAE, LoadedVAE, TextEncoders
+
+DIT_PRECISIONS = ["bf16", "fp16", "fp32", "fp8_e4m3fn"]
+DEVICE_TIP = "Where this model runs: 'default' lets ComfyUI choose; pick a GPU on multi-GPU machines, or cpu."
+
+
+class NewBieDiTLoader(io.ComfyNode):
+    """Load the NewBie-image DiT from models/diffusion_models as a ComfyUI MODEL."""
+
+    @classmethod
+    def define_schema(cls):
+        attention = ["auto", "sdpa", "comfyui"] + (["flash"] if flash_attn_available() else [])
+        return io.Schema(
+            node_id="NewBieDiTLoader", display_name="NewBie DiT Loader", category="NewBie/loaders",
+            description="Loads NewBie-Image-Exp0.1.safetensors (official, ComfyUI-prefixed or diffusers keys; the "
+                        "architecture is read from the tensor shapes) as a MODEL managed by ComfyUI's memory manager.",
+            inputs=[
+                io.Combo.Input("dit_name", options=_comfy.model_choices("diffusion_models"),
+                               tooltip="The DiT file in models/diffusion_models (e.g. NewBie-Image-Exp0.1.safetensors)."),
+                io.Combo.Input("precision", options=DIT_PRECISIONS, default="bf16",
+                               tooltip="Weight precision. bf16: reference quality. fp8_e4m3fn: half the memory, "
+                                       "computed in bf16. fp16 can overflow in this model family; fp32 is slow."),
+                io.Combo.Input("attention", options=attention, default="auto",
+                               tooltip="auto: flash-attn when installed, else PyTorch SDPA. comfyui: ComfyUI's "
+                                       "attention (follows --use-sage-attention etc.)."),
+                io.Boolean.Input("compile", default=False,
+                                 tooltip="torch.compile the DiT on first use (slow first run, faster steps)."),
+                io.Combo.Input("device", options=_comfy.DEVICE_CHOICES, default="default", tooltip=DEVICE_TIP),
+            ],
+            outputs=[io.Model.Output(tooltip="The NewBie DiT; connect to NewBie DiT Sampler.")],
+        )
+
+    @classmethod
+    def execute(cls, dit_name, precision, attention, compile, device) -> io.NodeOutput:
+        path = _comfy.resolve_model("diffusion_models", dit_name,
+                                    "NewBie-Image-Exp0.1.safetensors (NewBie-AI/NewBie-image-Exp0.1)")
+        prec = parse_precision(precision, "dit")
+        patcher = _comfy.load_dit_patcher(path, prec, attention, device)
+        patcher.model_options["newbie_compile"] = bool(compile)
+        patcher.model_options["newbie_precision"] = precision
+        return io.NodeOutput(patcher)
+
+
+class NewBieTextEncoderLoader(io.ComfyNode):
+    """Load Gemma3-4B-it (per-token features) and Jina CLIP v2 (pooled vector) from models/text_encoders."""
+
+    @classmethod
+    def define_schema(cls):
+        choices = _comfy.model_choices("text_encoders", want_folders=True)
+        return io.Schema(
+            node_id="NewBieTextEncoderLoader", display_name="NewBie Text Encoder Loader", category="NewBie/loaders",
+            description="Loads the two NewBie text encoders: ComfyUI single files or HF folders (a folder with "
+                        "config.json inside models/text_encoders). No remote code, no downloads.",
+            inputs=[
+                io.Combo.Input("gemma_name", options=choices,
+                               tooltip="gemma_3_4b_it_bf16.safetensors, or the text_encoder/ folder of the HF repo."),
+                io.Combo.Input("jina_name", options=choices,
+                               tooltip="jina_clip_v2_bf16.safetensors, or the clip_model/ folder of the HF repo."),
+                io.Combo.Input("precision", options=DIT_PRECISIONS, default="bf16",
+                               tooltip="Gemma weight precision (fp8_e4m3fn halves its memory; Jina then uses bf16)."),
+                io.Combo.Input("device", options=_comfy.DEVICE_CHOICES, default="default", tooltip=DEVICE_TIP),
+            ],
+            outputs=[NEWBIE_TEXT_ENCODERS.Output(tooltip="Both encoders; connect to NewBie Text Encode.")],
+        )
+
+    @classmethod
+    def execute(cls, gemma_name, jina_name, precision, device) -> io.NodeOutput:
+        gpath = _comfy.resolve_model("text_encoders", gemma_name, "gemma_3_4b_it_bf16.safetensors")
+        jpath = _comfy.resolve_model("text_encoders", jina_name, "jina_clip_v2_bf16.safetensors")
+        gprec, jprec = parse_precision(precision, "gemma"), parse_precision(precision, "jina")
+        gemma = load_gemma(gpath, dtype=file_dtype(gpath), device="cpu")
+        jina = load_jina(jpath, dtype=file_dtype(jpath), device="cpu")
+        cast_module(gemma.model, gprec)
+        cast_module(jina.model, jprec)
+        enc = TextEncoders(
+            gemma=gemma, jina=jina, precision=precision, files=(str(gpath), str(jpath)),
+            gemma_patcher=_comfy.module_patcher(gemma.model, "text", f"Gemma3 ({gpath.name})", device),
+            jina_patcher=_comfy.module_patcher(jina.model, "text", f"Jina CLIP v2 ({jpath.name})", device),
+        )
+        return io.NodeOutput(enc)
+
+
+class NewBieVAELoader(io.ComfyNode):
+    """Load the FLUX.1-dev VAE (ae.safetensors or a diffusers vae/ folder) from models/vae."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="NewBieVAELoader", display_name="NewBie VAE Loader", category="NewBie/loaders",
+            description="Loads the 16-channel FLUX.1-dev VAE through diffusers' AutoencoderKL.",
+            inputs=[
+                io.Combo.Input("vae_name", options=_comfy.model_choices("vae", want_folders=True),
+                               tooltip="ae.safetensors from black-forest-labs/FLUX.1-dev, or a diffusers vae/ folder."),
+                io.Combo.Input("precision", options=["auto", "bf16", "fp32"], default="auto",
+                               tooltip="auto: bf16 on GPUs that support it, else fp32. fp32 avoids rare banding."),
+                io.Combo.Input("device", options=_comfy.DEVICE_CHOICES, default="default", tooltip=DEVICE_TIP),
+            ],
+            outputs=[NEWBIE_VAE.Output(tooltip="The VAE; connect to NewBie VAE Decode.")],
+        )
+
+    @classmethod
+    def execute(cls, vae_name, precision, device) -> io.NodeOutput:
+        path = _comfy.resolve_model("vae", vae_name, "ae.safetensors (FLUX.1-dev VAE)")
+        vae = load_vae(path, dtype=file_dtype(path), device="cpu")
+        patcher = _comfy.module_patcher(vae.model, "vae", f"VAE ({path.name})", device)
+        cast_module(vae.model, parse_precision(precision, "vae", patcher.load_device))
+        return io.NodeOutput(LoadedVAE(vae=vae, patcher=patcher, precision=precision))
+

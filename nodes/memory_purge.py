@@ -1,0 +1,51 @@
+"""NewBie Memory Purge: a passthrough that unloads every model, clears caches and reports memory and models."""
+from __future__ import annotations
+
+import json
+
+from comfy_api.latest import io, ui
+
+from . import _comfy
+
+
+def _fmt(snap: dict) -> str:
+    parts = [f"RAM used {snap['ram_used_mib']:.0f} MiB"]
+    if "vram_free_mib" in snap:
+        parts.append(f"VRAM free {snap['vram_free_mib']:.0f}/{snap['vram_total_mib']:.0f} MiB")
+    return ", ".join(parts)
+
+
+class NewBieMemoryPurge(io.ComfyNode):
+    """Unload all models (through ComfyUI), collect garbage, empty device caches; pass the input through."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="NewBieMemoryPurge", display_name="NewBie Memory Purge", category="NewBie/utils",
+            description="Always runs. Unloads every model through ComfyUI's model management, then collects "
+                        "garbage and empties the device cache (in that order), and reports memory before → after "
+                        "plus every model this pack holds (device, dtype, size).",
+            inputs=[io.AnyType.Input("anything", optional=True,
+                                     tooltip="Any value; passed through unchanged. Wire it between stages to "
+                                             "purge after one finishes.")],
+            outputs=[io.AnyType.Output(display_name="anything", tooltip="The input, unchanged."),
+                     io.String.Output(display_name="report", tooltip="The purge report as text (JSON models list).")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, anything=None):
+        """Never cached: a purge must run every time."""
+        return float("nan")
+
+    @classmethod
+    def execute(cls, anything=None) -> io.NodeOutput:
+        before = _comfy.memory_snapshot()
+        _comfy.purge_all()
+        after = _comfy.memory_snapshot()
+        models = _comfy.pack_models()
+        lines = [f"before: {_fmt(before)}", f"after:  {_fmt(after)}", "models held by NewBie nodes:"]
+        lines += [f"  {m['model']}: {', '.join(m['dtypes'])} on {', '.join(m['devices'])}, {m['size_mib']} MiB"
+                  + (" (loaded)" if m["loaded_by_comfyui"] else "") for m in models] or ["  (none)"]
+        text = "\n".join(lines)
+        report = json.dumps({"before": before, "after": after, "models": models})
+        return io.NodeOutput(anything, report, ui=ui.PreviewText(text))
