@@ -215,8 +215,11 @@ class Ledger:
         head = f"{'stage':<10}{'seconds':>9}  {'device':<8}{'peak alloc':>12}{'peak resv':>12}{'RSS after':>12}  notes"
         lines = [head, "-" * len(head)]
         for r in self.records:
-            lines.append(f"{r.stage:<10}{r.seconds:>9.3f}  {r.device:<8}{r.peak_allocated / MiB:>9.1f}MiB"
-                         f"{r.peak_reserved / MiB:>9.1f}MiB{r.rss_after / MiB:>9.1f}MiB  {'; '.join(r.notes)}")
+            gpu = r.device.startswith("cuda")
+            alloc = f"{r.peak_allocated / MiB:>9.1f}MiB" if gpu else f"{'n/a':>12}"
+            resv = f"{r.peak_reserved / MiB:>9.1f}MiB" if gpu else f"{'n/a':>12}"
+            lines.append(f"{r.stage:<10}{r.seconds:>9.3f}  {r.device:<8}{alloc}{resv}{r.rss_after / MiB:>9.1f}MiB"
+                         f"  {'; '.join(r.notes)}")
         return "\n".join(lines)
 
     def as_list(self) -> list[dict[str, Any]]:
