@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_server import ComfyServer, find_comfyui
+from comfy_server import ComfyServer, find_comfyui, pack_node_ids
 
 NO_COMFY = "no ComfyUI tree: set COMFYUI_DIR=... (see README)"
 COMFY_DIR = find_comfyui()
@@ -39,6 +39,12 @@ def comfy_server(comfy_dir):
         yield srv
     finally:
         srv.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pack_ids(comfy_server) -> dict:
+    """pack_node_ids() of the pack under test, computed once per session (it imports the pack in a subprocess)."""
+    return pack_node_ids(comfy_server.comfy_dir, comfy_server.pack_dir)
 
 
 def tiny_model_files(root: Path) -> dict[str, Path]:

@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from comfy_server import PromptError, pack_node_ids
+from comfy_server import PromptError
 from workflow_convert import ui_to_api
 
 SMOKE_GRAPH = {
@@ -117,8 +117,8 @@ def test_converted_ui_workflow_runs(comfy_server):
     assert len(comfy_server.output_images(entry)) == 1
 
 
-def test_pack_nodes_registered(comfy_server):
-    found = pack_node_ids(comfy_server.comfy_dir, comfy_server.pack_dir)
+def test_pack_nodes_registered(comfy_server, pack_ids):
+    found = pack_ids
     if found["status"] in ("no_init", "no_entrypoint"):
         pytest.skip(f"pack node list not importable yet ({found['status']}: the repo-root __init__.py "
                     f"must export comfy_entrypoint)")
