@@ -187,6 +187,24 @@ def module_patcher(module: torch.nn.Module, kind: str, label: str, device: str =
     return patcher
 
 
+def vae_device() -> torch.device:
+    """ComfyUI's device for VAEs."""
+    return mm.vae_device()
+
+
+def recast(patcher, module: torch.nn.Module, precision: Precision) -> None:
+    """Cast a patcher's module to `precision` (unloading it first) and refresh ComfyUI's size estimate."""
+    from ..newbie_core.precision import cast_module
+
+    current = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    if current == {precision.storage}:
+        return
+    unload(patcher)
+    cast_module(module, precision)
+    patcher.size = 0
+    patcher.model_size()
+
+
 def register(patcher, label: str) -> None:
     """Remember a patcher the pack created (for the purge node's report)."""
     patcher.newbie_label = label
@@ -265,7 +283,7 @@ def pack_models() -> list[dict]:
     for p in list(_PACK_PATCHERS.values()):
         tensors = list(p.model.parameters()) + list(p.model.buffers())
         devices = sorted({str(t.device) for t in tensors})
-        dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors if t.is_floating_point()})
+        dtypes = sorted({str(t.dtype).replace("torch.", "") for t in p.model.parameters() if t.is_floating_point()})
         size = sum(t.numel() * t.element_size() for t in tensors) / 2**20
         rows.append({"model": p.newbie_label, "devices": devices, "dtypes": dtypes, "size_mib": round(size, 1),
                      "loaded_by_comfyui": id(p) in loaded})

@@ -114,7 +114,7 @@ class NewBieVAELoader(io.ComfyNode):
     def execute(cls, vae_name, precision, device) -> io.NodeOutput:
         path = _comfy.resolve_model("vae", vae_name, "ae.safetensors (FLUX.1-dev VAE)")
         vae = load_vae(path, dtype=file_dtype(path), device="cpu")
+        cast_module(vae.model, parse_precision(precision, "vae", _comfy.device_for(device, _comfy.vae_device())))
         patcher = _comfy.module_patcher(vae.model, "vae", f"VAE ({path.name})", device)
-        cast_module(vae.model, parse_precision(precision, "vae", patcher.load_device))
         return io.NodeOutput(LoadedVAE(vae=vae, patcher=patcher, precision=precision))
 

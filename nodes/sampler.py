@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ..newbie_core.errors import InputError
 from ..newbie_core.precision import check_finite
 from ..newbie_core.sampling import SOLVERS, GuidedVelocity, make_noise, sample, validate_size
 from ..newbie_core.text.encode import concat_embeddings
@@ -63,7 +64,10 @@ class NewBieDiTSampler(io.ComfyNode):
         b, h, w = batch_size, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR
         noise = make_noise(seed, b, h, w, LATENT_CHANNELS)
 
-        dm = model.model.diffusion_model
+        dm = getattr(model.model, "diffusion_model", None)
+        if not isinstance(dm, _comfy.ComfyNewBieDiT):
+            raise InputError("This MODEL is not a NewBie DiT: load NewBie-Image-Exp0.1 with NewBie DiT Loader "
+                             "and connect that to the sampler.")
         dm.check_size(h, w)
         _comfy.load_to_device([model], memory_required=activation_bytes(dm, b, h, w, cond, uncond))
         device, compute = model.load_device, dm.compute_dtype or torch.bfloat16

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
-from ..newbie_core.memory import EmbeddingCache
+from ..newbie_core.memory import EmbeddingCache, file_identity
 from ..newbie_core.precision import check_finite
 from ..newbie_core.text.encode import PromptEmbeddings
 from ..newbie_core.text.prompts import SYSTEM_PROMPTS, gemma_text, looks_like_xml, resolve_system_prompt
@@ -81,7 +81,8 @@ class NewBieTextEncode(io.ComfyNode):
 
 def encode_cached(enc, prompts: list[str], system: str, keep_loaded: bool) -> tuple[list[PromptEmbeddings], int]:
     """Encode prompts (batch 1 each) through EMBEDDING_CACHE; load each encoder only if something is missing."""
-    keys = [(p, gemma_text(p, system), enc.files, enc.precision) for p in prompts]
+    files = tuple(file_identity(f) for f in enc.files)  # a replaced file under the same name → new key
+    keys = [(p, gemma_text(p, system), files, enc.precision) for p in prompts]
     out = [EMBEDDING_CACHE.get(k) for k in keys]
     todo = [i for i, e in enumerate(out) if e is None]
     if todo:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from ..newbie_core.precision import cast_module, check_finite, parse_precision
+from ..newbie_core.precision import check_finite, parse_precision
 from ..newbie_core.vae import scale_latents
 from . import _comfy
 from .types import NEWBIE_VAE
@@ -33,7 +33,7 @@ class NewBieVAEDecode(io.ComfyNode):
     def execute(cls, vae, samples, precision, tiled) -> io.NodeOutput:
         name = vae.precision if precision == "auto" else precision
         prec = parse_precision(name, "vae", vae.patcher.load_device)
-        cast_module(vae.vae.model, prec)
+        _comfy.recast(vae.patcher, vae.vae.model, prec)
         _comfy.load_to_device([vae.patcher], full=True)
         latents = scale_latents(samples["samples"].float()).to(vae.patcher.load_device, prec.compute)
         if tiled:
