@@ -39,7 +39,9 @@ class ModelPaths:
             root = root / "hf"
         found: dict[str, Path] = {}
         for role, hf_sub, comfy_sub, hints in _ROLES:
-            if (root / hf_sub).is_dir() and role != "vae" or (root / hf_sub / "config.json").is_file():
+            # HF subfolders; `vae/` exists in both layouts, so only a diffusers config marks it as HF
+            is_hf = (root / hf_sub / "config.json").is_file() if role == "vae" else (root / hf_sub).is_dir()
+            if is_hf:
                 found[role] = root / hf_sub
                 continue
             folder = root / comfy_sub
