@@ -11,6 +11,7 @@ never loads the text encoders again.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -21,8 +22,8 @@ from .memory import EmbeddingCache, Ledger, StagedModel, default_device, empty_d
 from .model_paths import ModelPaths
 from .precision import Precision, check_finite, parse_precision
 from .sampling import GuidedVelocity, make_noise, sample, validate_size
-from .text.encode import PromptEmbeddings, concat_embeddings
-from .text.prompts import SYSTEM_PROMPTS, gemma_text
+from .text.encode import PromptEmbeddings, concat_embeddings, encode_cached
+from .text.prompts import SYSTEM_PROMPTS
 from .vae import LATENT_CHANNELS, VAE_SCALE_FACTOR
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,29 @@ class GenerationResult:
     latents: torch.Tensor
     ledger: Ledger
     notes: list[str] = field(default_factory=list)
+
+
+def guided_velocity(forward: Callable, dit, cond: PromptEmbeddings, uncond: PromptEmbeddings, batch: int,
+                    device: torch.device, dtype: torch.dtype, height: int, width: int,
+                    cfg: float, cfg_trunc: float, renorm: float) -> GuidedVelocity:
+    """The CFG velocity the sampler integrates: the [cond] and [cond; uncond] batches are built, placed on
+    `device` in `dtype` and given their DiT layouts (`dit.prepare`, one host sync) once per generation.
+
+    `forward(x, t, cap_feats, cap_mask, pooled, layout=...)` is the DiT's official forward (or a compiled one);
+    `height`/`width` are latent sizes.
+    """
+    batches = {}
+    for guided, items in ((False, [cond] * batch), (True, [cond] * batch + [uncond] * batch)):
+        emb = concat_embeddings(items)
+        mask = emb.cap_mask.to(device)
+        batches[guided] = (emb.cap_feats.to(device, dtype), mask, emb.pooled.to(device, dtype),
+                           dit.prepare(mask, height, width))
+
+    def model_call(x: torch.Tensor, t: torch.Tensor, guided: bool) -> torch.Tensor:
+        feats, mask, pooled, layout = batches[guided]
+        return forward(x.to(device, dtype), t.to(device), feats, mask, pooled, layout=layout).float()
+
+    return GuidedVelocity(model_call, cfg, cfg_trunc, renorm)
 
 
 class Pipeline:
@@ -124,34 +148,25 @@ class Pipeline:
         return [m.describe() for m in self._models.values()]
 
     # ---------------------------------------------------------------- stages
-    def _cache_key(self, prompt: str, system_prompt: str) -> tuple:
-        return (prompt, gemma_text(prompt, system_prompt), file_identity(self.paths.gemma),
-                file_identity(self.paths.jina), self.precision_names["text"])
+    @contextmanager
+    def _on_device(self, role: str):
+        """The role's wrapper with its weights on the device; released afterwards unless keep_loaded."""
+        yield self._acquire(role)
+        self._done_with(role)
 
     def encode(self, prompts: list[str], system_prompt: str = SYSTEM_PROMPTS["xml"]) -> list[PromptEmbeddings]:
         """Encode prompts (each batch 1, on the CPU), through the embedding cache; the text stage."""
-        out: list[PromptEmbeddings | None] = [self.cache.get(self._cache_key(p, system_prompt)) for p in prompts]
-        todo = [i for i, e in enumerate(out) if e is None]
-        if not todo:
-            return out  # type: ignore[return-value]
-        with self.ledger.stage("text", self.device) as rec:
-            try:
-                gemma = self._acquire("gemma")
-                feats = [gemma.encode([gemma_text(prompts[i], system_prompt)]) for i in todo]
-                self._done_with("gemma")
-                jina = self._acquire("jina")
-                pooled = [jina.encode([prompts[i]]) for i in todo]
-                self._done_with("jina")
-            except BaseException as e:
-                self._fail("text", e)
-            prec = self.precision("gemma")
-            for i, (f, m), p in zip(todo, feats, pooled):
-                emb = PromptEmbeddings(cap_feats=check_finite(f, "text (Gemma)", prec).float().cpu(),
-                                       cap_mask=m.cpu(), pooled=check_finite(p, "text (Jina)", prec).float().cpu())
-                self.cache.put(self._cache_key(prompts[i], system_prompt), emb)
-                out[i] = emb
-            rec.notes.append(f"{len(todo)} encoded, {len(prompts) - len(todo)} from cache")
-        return out  # type: ignore[return-value]
+        identity = (file_identity(self.paths.gemma), file_identity(self.paths.jina), self.precision_names["text"])
+        try:
+            embs, encoded = encode_cached(prompts, system_prompt, self.cache, identity,
+                                          lambda: self._on_device("gemma"), lambda: self._on_device("jina"),
+                                          precision=self.precision("gemma"),
+                                          around=lambda: self.ledger.stage("text", self.device))
+        except BaseException as e:
+            self._fail("text", e)
+        if encoded:
+            self.ledger.records[-1].notes.append(f"{encoded} encoded, {len(prompts) - encoded} from cache")
+        return embs
 
     def sample(self, cond: PromptEmbeddings, uncond: PromptEmbeddings, settings: GenerationSettings,
                callback: Callable | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:
@@ -160,37 +175,23 @@ class Pipeline:
         b = settings.batch
         noise = latents if latents is not None else make_noise(
             settings.seed, b, settings.height // VAE_SCALE_FACTOR, settings.width // VAE_SCALE_FACTOR, LATENT_CHANNELS)
-        cond_b = concat_embeddings([cond] * b)
-        guided_b = concat_embeddings([cond] * b + [uncond] * b)
+        velocity = None
         with self.ledger.stage("dit", self.device) as rec:
             try:
                 dit = self._acquire("dit")
-                compute = self.precision("dit").compute
-                h, w = noise.shape[-2:]
-                batches = {False: self._to_device(cond_b, compute, dit, h, w),
-                           True: self._to_device(guided_b, compute, dit, h, w)}
-
-                def model_call(x: torch.Tensor, t: torch.Tensor, guided: bool) -> torch.Tensor:
-                    feats, mask, pooled, layout = batches[guided]
-                    v = dit(x.to(self.device, compute), t.to(self.device), feats, mask, pooled, layout=layout)
-                    return v.float()
-
-                velocity = GuidedVelocity(model_call, settings.cfg, settings.cfg_trunc, settings.renorm)
+                velocity = guided_velocity(dit, dit, cond, uncond, b, self.device, self.precision("dit").compute,
+                                           noise.shape[-2], noise.shape[-1], settings.cfg, settings.cfg_trunc,
+                                           settings.renorm)
                 x = sample(velocity, noise.to(self.device), settings.steps, settings.solver, settings.shift, callback)
                 check_finite(x, "DiT sampling", self.precision("dit"))
                 x = x.float().cpu()
             except BaseException as e:
                 self._fail("dit", e)
             finally:
-                batches = None  # noqa: F841 - drop device copies of the embeddings
+                velocity = None  # drop the device copies of the embeddings before releasing
                 self._done_with("dit")
             rec.notes.append(f"{settings.steps} steps {settings.solver}, cfg {settings.cfg}")
         return x
-
-    def _to_device(self, emb: PromptEmbeddings, dtype: torch.dtype, dit, h: int, w: int):
-        mask = emb.cap_mask.to(self.device)
-        layout = dit.prepare(mask, h, w) if hasattr(dit, "prepare") else None
-        return emb.cap_feats.to(self.device, dtype), mask, emb.pooled.to(self.device, dtype), layout
 
     def decode(self, latents: torch.Tensor, tiled: bool = False) -> tuple[torch.Tensor, list[str]]:
         """Decode scaled latents to images [B,3,H,W] in [0,1] (fp32, CPU); the VAE stage. Returns notes too."""

@@ -7,8 +7,8 @@ from comfy_api.latest import io
 
 from ..newbie_core.errors import InputError
 from ..newbie_core.precision import check_finite
-from ..newbie_core.sampling import SOLVERS, GuidedVelocity, make_noise, sample, validate_size
-from ..newbie_core.text.encode import concat_embeddings
+from ..newbie_core.pipeline import guided_velocity
+from ..newbie_core.sampling import SOLVERS, make_noise, sample, validate_size
 from ..newbie_core.vae import LATENT_CHANNELS, VAE_SCALE_FACTOR, unscale_latents
 from . import _comfy
 from .text_encode import from_conditioning
@@ -71,21 +71,10 @@ class NewBieDiTSampler(io.ComfyNode):
         dm.check_size(h, w)
         _comfy.load_to_device([model], memory_required=activation_bytes(dm, b, h, w, cond, uncond))
         device, compute = model.load_device, dm.compute_dtype or torch.bfloat16
-        velocity = compiled_velocity(dm) if model.model_options.get("newbie_compile") else dm.velocity
-        batches = {}
-        for guided, items in ((False, [cond] * b), (True, [cond] * b + [uncond] * b)):
-            e = concat_embeddings(items)
-            mask = e.cap_mask.to(device)
-            batches[guided] = (e.cap_feats.to(device, compute), mask, e.pooled.to(device, compute),
-                               dm.prepare(mask, h, w))
-
-        def model_call(x, t, guided):
-            feats, mask, pooled, layout = batches[guided]
-            return velocity(x.to(compute), t.to(device), feats, mask, pooled, layout=layout).float()
-
+        forward = compiled_velocity(dm) if model.model_options.get("newbie_compile") else dm.velocity
+        guided = guided_velocity(forward, dm, cond, uncond, b, device, compute, h, w, cfg, cfg_trunc, renorm)
         intervals = steps if solver == "dpmpp_2m" else steps - 1
         on_step = _comfy.sampler_progress(model, intervals)
-        guided = GuidedVelocity(model_call, cfg, cfg_trunc, renorm)
         x = sample(guided, noise.to(device), steps, solver, shift, callback=on_step)
         check_finite(x, "DiT sampling", model.model_options.get("newbie_precision"))
         samples = unscale_latents(x.float()).to(_comfy.intermediate_device())

@@ -1,13 +1,14 @@
 """NewBie Text Encode: positive + negative prompts → core CONDITIONING, through the prompt-embedding cache."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from comfy_api.latest import io, ui
 
 from ..newbie_core.memory import EmbeddingCache, file_identity
-from ..newbie_core.precision import check_finite
-from ..newbie_core.text.encode import PromptEmbeddings
-from ..newbie_core.text.prompts import SYSTEM_PROMPTS, gemma_text, looks_like_xml, resolve_system_prompt
+from ..newbie_core.text.encode import PromptEmbeddings, encode_cached
+from ..newbie_core.text.prompts import SYSTEM_PROMPTS, looks_like_xml, resolve_system_prompt
 from ..newbie_core.text.xml_prompt import validate_xml_prompt
 from . import _comfy
 from .types import NEWBIE_TEXT_ENCODERS
@@ -74,30 +75,26 @@ class NewBieTextEncode(io.ComfyNode):
         for text in (positive, negative):  # malformed XML: an error with line and column, not a silent bad image
             if looks_like_xml(text) or (system == SYSTEM_PROMPTS["xml"] and text.lstrip().startswith("<")):
                 validate_xml_prompt(text)
-        embs, from_cache = encode_cached(text_encoders, [positive, negative], system, keep_loaded)
+        embs, from_cache = encode_prompts_cached(text_encoders, [positive, negative], system, keep_loaded)
         note = f"{from_cache} of 2 prompts from cache; Gemma tokens: {[int(e.cap_mask.sum()) for e in embs]}"
         return io.NodeOutput(to_conditioning(embs[0]), to_conditioning(embs[1]), ui=ui.PreviewText(note))
 
 
-def encode_cached(enc, prompts: list[str], system: str, keep_loaded: bool) -> tuple[list[PromptEmbeddings], int]:
-    """Encode prompts (batch 1 each) through EMBEDDING_CACHE; load each encoder only if something is missing."""
-    files = tuple(file_identity(f) for f in enc.files)  # a replaced file under the same name → new key
-    keys = [(p, gemma_text(p, system), files, enc.precision) for p in prompts]
-    out = [EMBEDDING_CACHE.get(k) for k in keys]
-    todo = [i for i, e in enumerate(out) if e is None]
-    if todo:
-        _comfy.load_to_device([enc.gemma_patcher], full=True)
-        feats = [enc.gemma.encode([gemma_text(prompts[i], system)]) for i in todo]
-        if not keep_loaded:
-            _comfy.unload(enc.gemma_patcher)
-        _comfy.check_interrupt()
-        _comfy.load_to_device([enc.jina_patcher], full=True)
-        pooled = [enc.jina.encode([prompts[i]]) for i in todo]
-        if not keep_loaded:
-            _comfy.unload(enc.jina_patcher)
-        for i, (f, m), p in zip(todo, feats, pooled):
-            emb = PromptEmbeddings(cap_feats=check_finite(f, "text (Gemma)", enc.precision).float().cpu(),
-                                   cap_mask=m.cpu(), pooled=check_finite(p, "text (Jina)", enc.precision).float().cpu())
-            EMBEDDING_CACHE.put(keys[i], emb)
-            out[i] = emb
-    return out, len(prompts) - len(todo)
+@contextmanager
+def on_device(patcher, encoder, keep_loaded: bool):
+    """`encoder` with its weights placed by ComfyUI; unloaded afterwards unless keep_loaded. A cancel point."""
+    _comfy.check_interrupt()
+    _comfy.load_to_device([patcher], full=True)
+    yield encoder
+    if not keep_loaded:
+        _comfy.unload(patcher)
+
+
+def encode_prompts_cached(enc, prompts: list[str], system: str, keep_loaded: bool) -> tuple[list[PromptEmbeddings], int]:
+    """Encode prompts through EMBEDDING_CACHE (newbie_core's cached encoding); returns (embeddings, from cache)."""
+    identity = (tuple(file_identity(f) for f in enc.files), enc.precision)  # a replaced file → a new key
+    embs, encoded = encode_cached(prompts, system, EMBEDDING_CACHE, identity,
+                                  lambda: on_device(enc.gemma_patcher, enc.gemma, keep_loaded),
+                                  lambda: on_device(enc.jina_patcher, enc.jina, keep_loaded),
+                                  precision=enc.precision)
+    return embs, len(prompts) - encoded

@@ -7,12 +7,15 @@ Prompts encoded separately (e.g. cached cond and uncond) are joined for the CFG 
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from ..precision import check_finite
 from .prompts import gemma_text
 
 
@@ -108,3 +111,31 @@ def concat_embeddings(items: list[PromptEmbeddings]) -> PromptEmbeddings:
         gemma_token_counts=sum((e.gemma_token_counts for e in items), ()),
         jina_token_counts=sum((e.jina_token_counts for e in items), ()),
     )
+
+
+def encode_cached(prompts: list[str], system_prompt: str, cache, identity: tuple,
+                  gemma_session: Callable[[], AbstractContextManager], jina_session: Callable[[], AbstractContextManager],
+                  precision=None, around: Callable[[], AbstractContextManager] = nullcontext,
+                  ) -> tuple[list[PromptEmbeddings], int]:
+    """Encode prompts (batch 1 each, results on the CPU) through `cache`; returns (embeddings, number encoded).
+
+    Cache key: (prompt, the text Gemma sees, *identity) — identity names the encoder files and precision.
+    Only when some prompt is missing: `around()` is entered (e.g. a ledger stage), then `gemma_session()` and
+    `jina_session()` one after the other; each yields its encoder placed on a device and may release it on
+    exit, so the two encoders are never resident together. NaN/inf in the features raise NumericalError.
+    """
+    keys = [(p, gemma_text(p, system_prompt), *identity) for p in prompts]
+    out: list[PromptEmbeddings | None] = [cache.get(k) for k in keys]
+    todo = [i for i, e in enumerate(out) if e is None]
+    if todo:
+        with around():
+            with gemma_session() as gemma:
+                feats = [gemma.encode([gemma_text(prompts[i], system_prompt)]) for i in todo]
+            with jina_session() as jina:
+                pooled = [jina.encode([prompts[i]]) for i in todo]
+            for i, (f, m), p in zip(todo, feats, pooled):
+                emb = PromptEmbeddings(cap_feats=check_finite(f, "text (Gemma)", precision).float().cpu(),
+                                       cap_mask=m.cpu(), pooled=check_finite(p, "text (Jina)", precision).float().cpu())
+                cache.put(keys[i], emb)
+                out[i] = emb
+    return out, len(todo)  # type: ignore[return-value]
