@@ -43,6 +43,11 @@ def _generate_parser(sub) -> None:
     p.add_argument("--precision", default="", help="per stage, e.g. dit=bf16,text=fp8_e4m3fn,vae=fp32")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, mps (default: best available)")
     p.add_argument("--tiled-decode", action="store_true", help="decode the VAE in tiles (less memory)")
+    p.add_argument("--lowvram", action="store_true",
+                   help="stream DiT/text-encoder blocks from CPU memory and decode in tiles (under 2 GiB of VRAM)")
+    p.add_argument("--vram-budget", type=float, default=None, metavar="GIB",
+                   help="with --lowvram: GiB of blocks that may stay on the GPU (faster; default: stream all)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT (first image pays ~30 s)")
     p.add_argument("--json", action="store_true", help="print the ledger as JSON instead of a table")
 
 
@@ -75,7 +80,9 @@ def cmd_generate(args) -> int:
     from .text.prompts import resolve_system_prompt
 
     paths, tiny = _resolve_paths(args)
-    pipe = Pipeline(paths, device=args.device, precision=parse_precision_spec(args.precision))
+    budget = None if args.vram_budget is None else int(args.vram_budget * 2**30)
+    pipe = Pipeline(paths, device=args.device, precision=parse_precision_spec(args.precision),
+                    lowvram=args.lowvram, vram_budget=budget, compile=args.compile)
     settings = GenerationSettings(width=args.width, height=args.height, steps=args.steps, cfg=args.cfg,
                                   shift=args.shift, solver=args.solver, cfg_trunc=args.cfg_trunc,
                                   renorm=args.renorm, seed=args.seed, batch=args.batch)

@@ -1,6 +1,7 @@
 """Read each model role from disk onto the CPU, in the file's own dtype (the pristine copy a StagedModel keeps)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,33 +27,48 @@ def file_dtype(path: str | Path) -> torch.dtype:
     return torch.bfloat16
 
 
-def load_role(role: str, paths: ModelPaths, attention: str = "auto") -> tuple[object, nn.Module, str, tuple[str, ...]]:
-    """Load `role` (dit, gemma, jina, vae) on the CPU in its file dtype.
+# Blocks streamed in low-VRAM mode, in execution order, per role (ModuleList attribute names).
+STREAMED_BLOCKS = {"dit": ("context_refiner", "noise_refiner", "layers"), "gemma": ("layers",), "jina": ("layers",)}
+# Submodules that never go to the device: Gemma's 262k×2560 embedding table (1.25 GiB in bf16) is only a lookup.
+CPU_ONLY = {"gemma": ("embed_tokens",)}
 
-    Returns (wrapper used by the pipeline, the nn.Module whose weights a StagedModel manages, source path,
-    names of submodules that stay on the CPU).
-    """
+
+@dataclass
+class LoadedRole:
+    """A model role read from disk: the wrapper the pipeline calls, the nn.Module holding every weight,
+    its source path, the submodules kept on the CPU and the block lists low-VRAM mode streams."""
+
+    wrapper: object
+    module: nn.Module
+    source: str
+    cpu_only: tuple[str, ...] = ()
+    stream: tuple[str, ...] = ()
+
+
+def load_role(role: str, paths: ModelPaths, attention: str = "auto") -> LoadedRole:
+    """Load `role` (dit, gemma, jina, vae) on the CPU in its file dtype."""
     src = getattr(paths, role)
+    extra = dict(source=str(src), cpu_only=CPU_ONLY.get(role, ()), stream=STREAMED_BLOCKS.get(role, ()))
     if role == "dit":
         from .dit import load_dit
 
         dit = load_dit(src, dtype=file_dtype(_dit_file(src)), device="cpu", attention=attention)
-        return dit, dit, str(src), ()
+        return LoadedRole(dit, dit, **extra)
     if role == "gemma":
         from .text.gemma import load_gemma
 
         enc = load_gemma(src, dtype=file_dtype(src), device="cpu")
-        return enc, enc.model, str(src), ()
+        return LoadedRole(enc, enc.model, **extra)
     if role == "jina":
         from .text.jina import load_jina
 
         enc = load_jina(src, dtype=file_dtype(src), device="cpu")
-        return enc, enc.model, str(src), ()
+        return LoadedRole(enc, enc.model, **extra)
     if role == "vae":
         from .vae import load_vae
 
         vae = load_vae(src, dtype=file_dtype(src), device="cpu")
-        return vae, vae.model, str(src), ()
+        return LoadedRole(vae, vae.model, **extra)
     raise ValueError(f"unknown model role {role!r}")
 
 

@@ -19,7 +19,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .fp8 import FP8, quantize_linear_weight
 from .precision import Precision, linear_modules, set_linear_storage, target_dtype
+from .streaming import LayerStreamer, PinnedArena, block_nbytes, resident_for_budget
 
 log = logging.getLogger(__name__)
 GiB = 1024**3
@@ -73,15 +75,21 @@ class StagedModel:
     The wrapped module object is kept; only its tensors are swapped, so wrappers holding it (a tokenizer-owning
     encoder, a diffusers VAE) keep working. While released, its parameters alias the pristine CPU tensors.
     `cpu_only` names submodules that always stay on the CPU in pristine dtype (e.g. a huge embedding table).
+    `stream` names the ModuleLists of repeated blocks, in execution order, that low-VRAM mode streams
+    (`acquire(..., streaming=True)`): only a few blocks are on the device at a time (see `streaming.py`).
     """
 
-    def __init__(self, name: str, module: nn.Module, source: str = "", cpu_only: tuple[str, ...] = ()):
+    def __init__(self, name: str, module: nn.Module, source: str = "", cpu_only: tuple[str, ...] = (),
+                 stream: tuple[str, ...] = ()):
         self.name, self.module, self.source = name, module.eval().requires_grad_(False), source
-        self.cpu_only = cpu_only
+        self.cpu_only, self.stream = cpu_only, stream
         self._pristine: dict[str, torch.Tensor] = {k: t.detach() for k, t in self._tensors()}
         self._fp8_params = {f"{n}.weight" for n, _ in linear_modules(module)}
         self.device = torch.device("cpu")
         self.precision: Precision | None = None
+        self.streamer: LayerStreamer | None = None
+        self._key: tuple | None = None
+        self._arena: PinnedArena | None = None
 
     def _tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for mod_name, mod in self.module.named_modules():
@@ -99,49 +107,102 @@ class StagedModel:
     def _is_cpu_only(self, full_name: str) -> bool:
         return any(full_name == c or full_name.startswith(c + ".") for c in self.cpu_only)
 
+    def stream_blocks(self) -> list[nn.Module]:
+        """The blocks low-VRAM mode streams, in execution order."""
+        return [b for name in self.stream for b in self.module.get_submodule(name)]
+
     @property
     def pristine_dtype(self) -> torch.dtype:
         """The dtype the weights were loaded in (the file's dtype)."""
         return next((t.dtype for t in self._pristine.values() if t.is_floating_point()), torch.float32)
 
-    def acquire(self, device: torch.device | str, precision: Precision) -> nn.Module:
-        """Place the weights on `device` in `precision` (a no-op if already there) and return the module."""
-        device = torch.device(device)
-        if self.device == device and self.precision == precision:
-            return self.module
-        set_linear_storage(self.module, precision.is_fp8)
-        with torch.no_grad():
-            for full, mod, pname, is_param in self._slots():
-                src = self._pristine[full]
-                if self._is_cpu_only(full):
-                    new = src
-                elif is_param or mod_persistent(mod, pname):
-                    new = src.to(device=device, dtype=target_dtype(full, src, precision, self._fp8_params))
-                else:  # non-persistent buffers (RoPE inv_freq ...) keep their dtype, only move
-                    new = src.to(device=device)
-                if is_param:
-                    mod._parameters[pname].data = new
-                else:
-                    mod._buffers[pname] = new
-        self.device, self.precision = device, precision
-        return self.module
-
-    def release(self) -> None:
-        """Point every tensor back at the pristine CPU copy, dropping the device copy, and clear caches."""
-        if self.device.type == "cpu" and (self.precision is None or self.precision.storage == self.pristine_dtype):
-            self.precision = None  # the "copy" aliased the pristine tensors: nothing to free
-            set_linear_storage(self.module, False)
+    def pin(self) -> None:
+        """Move the pristine CPU copy into page-locked memory (fast, asynchronous uploads); CUDA only, once."""
+        if self._arena is not None or not torch.cuda.is_available():
             return
-        old_device = self.device
+        if self.device.type != "cpu":
+            self.release()
+        names = list(self._pristine)
+        self._arena = PinnedArena([self._pristine[k] for k in names])
+        self._pristine = dict(zip(names, self._arena.views))
+        self._point_at_pristine()
+
+    def _point_at_pristine(self) -> None:
         with torch.no_grad():
             for full, mod, pname, is_param in self._slots():
                 if is_param:
                     mod._parameters[pname].data = self._pristine[full]
                 else:
                     mod._buffers[pname] = self._pristine[full]
+
+    def _place(self, full: str, mod: nn.Module, pname: str, is_param: bool, device: torch.device,
+               precision: Precision, to_host: bool) -> torch.Tensor:
+        """The tensor `full` as this stage needs it: on `device` in its target dtype (fp8: quantised there).
+
+        `to_host`: the converted tensor goes back to pinned CPU memory (a streamed block); when no conversion
+        is needed the pristine tensor itself is used.
+        """
+        src = self._pristine[full]
+        if self._is_cpu_only(full):
+            return src
+        if not (is_param or mod_persistent(mod, pname)):  # non-persistent buffers (RoPE tables) keep their dtype
+            return src if to_host else src.to(device=device)
+        dtype = target_dtype(full, src, precision, self._fp8_params)
+        if to_host and dtype == src.dtype:
+            return src
+        if dtype == FP8:
+            new = quantize_linear_weight(mod, src.to(device=device, dtype=precision.compute))
+        else:
+            new = src.to(device=device, dtype=dtype)
+        if to_host:
+            new = new.to("cpu", non_blocking=False).pin_memory() if new.is_cuda else new.cpu()
+            if "weight_scale" in mod.__dict__:
+                mod.__dict__["weight_scale"] = mod.__dict__["weight_scale"].cpu()
+        return new
+
+    def acquire(self, device: torch.device | str, precision: Precision, streaming: bool = False,
+                budget: int | None = None) -> nn.Module:
+        """Place the weights on `device` in `precision` and return the module (a no-op if already placed so).
+
+        `streaming`: the `stream` blocks stay in CPU memory and are streamed per call; `budget` (bytes of
+        block weights allowed on the device) keeps that many leading blocks resident (None: all streamed).
+        """
+        device = torch.device(device)
+        streaming = bool(streaming and self.stream)
+        key = (device, precision, streaming, budget if streaming else None)
+        if self._key == key:
+            return self.module
+        if self._key is not None:
+            self.release()
+        if device.type == "cuda":
+            self.pin()
+        set_linear_storage(self.module, precision.is_fp8)
+        streamed = tuple(f"{n}." for n in self.stream) if streaming else ()
+        with torch.no_grad():
+            for full, mod, pname, is_param in self._slots():
+                new = self._place(full, mod, pname, is_param, device, precision, to_host=full.startswith(streamed)
+                                  if streamed else False)
+                if is_param:
+                    mod._parameters[pname].data = new
+                else:
+                    mod._buffers[pname] = new
+        if streaming:
+            blocks = self.stream_blocks()
+            self.streamer = LayerStreamer(blocks, device, resident_for_budget([block_nbytes(b) for b in blocks], budget))
+        self.device, self.precision, self._key = device, precision, key
+        return self.module
+
+    def release(self) -> None:
+        """Point every tensor back at the pristine CPU copy, dropping the device copy, and clear caches."""
+        if self.streamer is not None:
+            self.streamer.detach()
+            self.streamer = None
+        old_device, self._key = self.device, None
+        self._point_at_pristine()
         set_linear_storage(self.module, False)
         self.device, self.precision = torch.device("cpu"), None
-        empty_device_cache(old_device)
+        if old_device.type != "cpu":
+            empty_device_cache(old_device)
 
     def nbytes(self, on_device_only: bool = False) -> int:
         """Bytes the weights occupy now (on their current device and dtype)."""
@@ -151,9 +212,13 @@ class StagedModel:
     def describe(self) -> dict[str, Any]:
         """Where and how this model is held: name, device, dtype(s), size in MiB, source file."""
         dtypes = sorted({str(t.dtype).replace("torch.", "") for _, t in self._tensors() if t.is_floating_point()})
-        return {"name": self.name, "device": str(self.device), "dtypes": dtypes,
+        info = {"name": self.name, "device": str(self.device), "dtypes": dtypes,
                 "precision": self.precision.name if self.precision else f"{self.pristine_dtype} (idle, CPU copy)",
                 "bytes": self.nbytes(), "size_mib": round(self.nbytes() / MiB, 1), "source": self.source}
+        if self.streamer is not None:
+            info["streaming"] = {"blocks": len(self.streamer.layers), "resident": self.streamer.resident,
+                                 "device_mib": round(self.streamer.device_bytes / MiB, 1)}
+        return info
 
 
 def mod_persistent(mod: nn.Module, buffer_name: str) -> bool:

@@ -20,6 +20,7 @@ import torch
 from .errors import StageOutOfMemoryError
 from .memory import EmbeddingCache, Ledger, StagedModel, default_device, empty_device_cache, file_identity, is_out_of_memory
 from .model_paths import ModelPaths
+from .fp8 import enable_fp8_matmul, fp8_matmul_supported
 from .precision import Precision, check_finite, parse_precision
 from .sampling import GuidedVelocity, make_noise, sample, validate_size
 from .text.encode import PromptEmbeddings, concat_embeddings, encode_cached
@@ -90,8 +91,15 @@ class Pipeline:
 
     def __init__(self, paths: ModelPaths, device: torch.device | str | None = None,
                  precision: dict[str, str] | None = None, keep_loaded: bool = False, attention: str = "auto",
-                 cache: EmbeddingCache | None = None):
+                 cache: EmbeddingCache | None = None, lowvram: bool = False, vram_budget: int | None = None,
+                 compile: bool = False, fp8_matmul: bool = True):
+        """`lowvram`: stream DiT/Gemma/Jina blocks from CPU memory and decode in tiles (peak < 2 GiB at 1024²);
+        `vram_budget`: bytes of blocks low-VRAM mode may keep resident (None: stream all). `compile`:
+        torch.compile the DiT forward (not with lowvram). `fp8_matmul`: under fp8 DiT precision, use fp8
+        tensor-core matmuls where the GPU has them (else fp8 is storage only)."""
         self.paths = paths
+        self.lowvram, self.vram_budget, self.compile, self.fp8_matmul = lowvram, vram_budget, compile, fp8_matmul
+        self._compiled: dict[int, Callable] = {}
         self.device = torch.device(device) if device is not None else default_device()
         self.precision_names = {"dit": "bf16", "text": "bf16", "vae": "auto", **(precision or {})}
         self.keep_loaded = keep_loaded
@@ -115,15 +123,26 @@ class Pipeline:
     def _load(self, role: str) -> StagedModel:
         if role not in self._models:
             from .loading import load_role
-            wrapper, module, source, cpu_only = load_role(role, self.paths, attention=self.attention)
-            self._wrappers[role] = wrapper
-            self._models[role] = StagedModel(role, module, source, cpu_only)
+            loaded = load_role(role, self.paths, attention=self.attention)
+            self._wrappers[role] = loaded.wrapper
+            self._models[role] = StagedModel(role, loaded.module, loaded.source, loaded.cpu_only, loaded.stream)
         return self._models[role]
 
     def _acquire(self, role: str):
         staged = self._load(role)
-        staged.acquire(self.device, self.precision(role))
+        precision = self.precision(role)
+        staged.acquire(self.device, precision, streaming=self.lowvram, budget=self.vram_budget)
+        if role == "dit" and precision.is_fp8 and self.fp8_matmul and fp8_matmul_supported(self.device):
+            enable_fp8_matmul(staged.module)
         return self._wrappers[role]
+
+    def _dit_forward(self, dit) -> Callable:
+        """The DiT's forward, compiled once per model when `compile` is on (static shapes, no graph breaks)."""
+        if not self.compile or self.lowvram:
+            return dit
+        if id(dit) not in self._compiled:
+            self._compiled[id(dit)] = torch.compile(dit, fullgraph=True, dynamic=False)
+        return self._compiled[id(dit)]
 
     def _done_with(self, role: str) -> None:
         if not self.keep_loaded and role in self._models:
@@ -179,7 +198,7 @@ class Pipeline:
         with self.ledger.stage("dit", self.device) as rec:
             try:
                 dit = self._acquire("dit")
-                velocity = guided_velocity(dit, dit, cond, uncond, b, self.device, self.precision("dit").compute,
+                velocity = guided_velocity(self._dit_forward(dit), dit, cond, uncond, b, self.device, self.precision("dit").compute,
                                            noise.shape[-2], noise.shape[-1], settings.cfg, settings.cfg_trunc,
                                            settings.renorm)
                 x = sample(velocity, noise.to(self.device), settings.steps, settings.solver, settings.shift, callback)
@@ -196,6 +215,7 @@ class Pipeline:
     def decode(self, latents: torch.Tensor, tiled: bool = False) -> tuple[torch.Tensor, list[str]]:
         """Decode scaled latents to images [B,3,H,W] in [0,1] (fp32, CPU); the VAE stage. Returns notes too."""
         notes: list[str] = []
+        tiled = tiled or self.lowvram
         with self.ledger.stage("vae", self.device) as rec:
             try:
                 vae = self._acquire("vae")

@@ -5,7 +5,7 @@ One place decides dtypes. A stage precision is one of
     bf16         weights and compute in bfloat16 (the default; what the model was trained and released in)
     fp16         weights and compute in float16 (norms, RoPE and softmax stay fp32 inside the models)
     fp32         weights and compute in float32 (slow, the numerical reference)
-    fp8_e4m3fn   weights stored in float8 e4m3fn, dequantised to bf16 per layer at compute time
+    fp8_e4m3fn   Linear weights stored in float8 e4m3fn with per-channel scales (`fp8.py`), bf16 compute
                  (DiT and Gemma only: it halves their memory; Jina and the VAE fall back to bf16)
 
 `Precision.storage` is the dtype weights occupy on the device, `Precision.compute` the activation dtype.
@@ -16,14 +16,13 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError, NumericalError
+from .fp8 import FP8, Fp8StorageLinear, linear_modules, quantize_linear_weight, set_linear_storage  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-FP8 = getattr(torch, "float8_e4m3fn", None)
 STAGES = ("dit", "text", "vae")
 PRECISION_NAMES = ("bf16", "fp16", "fp32", "fp8_e4m3fn")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -91,33 +90,6 @@ def device_supports_bf16(device: torch.device | str | None) -> bool:
     return False
 
 
-class Fp8StorageLinear(nn.Linear):
-    """nn.Linear whose weight may be stored in a narrow dtype and is cast to the input's dtype per call.
-
-    Modules are switched to this class in place (`__class__` swap) by `set_linear_storage`, so any model
-    (our DiT, transformers' Gemma) gains fp8 storage without being rebuilt.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - nn.Linear.forward
-        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, w, b)
-
-
-def linear_modules(module: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """All nn.Linear submodules (name, module) of `module`."""
-    return [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
-
-
-def set_linear_storage(module: nn.Module, fp8: bool) -> None:
-    """Make every nn.Linear in `module` accept fp8-stored weights (fp8=True) or restore plain nn.Linear."""
-    for _, m in linear_modules(module):
-        if fp8 and type(m) is nn.Linear:
-            m.__class__ = Fp8StorageLinear
-        elif not fp8 and type(m) is Fp8StorageLinear:
-            m.__class__ = nn.Linear
-
-
 def target_dtype(param_name: str, tensor: torch.Tensor, precision: Precision, fp8_params: set[str]) -> torch.dtype:
     """The dtype a weight takes on the device: fp8 for Linear weights under fp8, else the compute dtype.
 
@@ -143,7 +115,7 @@ def check_finite(x: torch.Tensor, stage: str, precision: Precision | str | None 
 
 
 def cast_module(module: nn.Module, precision: Precision) -> nn.Module:
-    """Cast `module` in place to `precision` (fp8: Linear weights stored in fp8, the rest in bf16).
+    """Cast `module` in place to `precision` (fp8: Linear weights quantised to fp8 with scales, the rest bf16).
 
     For hosts that manage devices themselves (ComfyUI's ModelPatcher) and need no pristine copy;
     the CLI pipeline uses `memory.StagedModel` instead. Non-persistent buffers (RoPE tables) keep their dtype.
@@ -156,7 +128,9 @@ def cast_module(module: nn.Module, precision: Precision) -> nn.Module:
             for pname, p in mod._parameters.items():
                 if p is not None and p.is_floating_point():
                     full = f"{mod_name}.{pname}" if mod_name else pname
-                    p.data = p.data.to(target_dtype(full, p, precision, fp8_params))
+                    dtype = target_dtype(full, p, precision, fp8_params)
+                    p.data = (quantize_linear_weight(mod, p.data.to(precision.compute)) if dtype == FP8
+                              else p.data.to(dtype))
             for bname, b in list(mod._buffers.items()):
                 if b is not None and b.is_floating_point() and bname not in skip:
                     mod._buffers[bname] = b.to(precision.compute)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import ModelFileError
 from ..files import describe_state_dict, list_keys, read_safetensors, weight_files
@@ -213,10 +214,21 @@ class GemmaTextEncoder:
 
     @torch.no_grad()
     def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`encode` for already tokenized input; runs on the device of `.model`'s parameters."""
-        device = next(self.model.parameters()).device
+        """`encode` for already tokenized input; runs where the decoder layers are (`model.norm`'s device).
+
+        The embedding table may live elsewhere (kept on the CPU by the staged pipeline): the lookup then
+        runs there and only the `[B, L, D]` embeddings move, in the layers' dtype, scaled as Gemma does.
+        """
+        model = self.model
+        device, dtype = model.norm.weight.device, model.norm.weight.dtype
         ids, mask = input_ids.to(device), attention_mask.to(device)
-        out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+        table = model.embed_tokens
+        if table.weight.device == device and table.weight.dtype == dtype:
+            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+        else:
+            emb = F.embedding(input_ids.to(table.weight.device), table.weight).to(device, dtype)
+            emb = emb * table.embed_scale.to(device, dtype)
+            out = model(inputs_embeds=emb, attention_mask=mask, output_hidden_states=True, use_cache=False)
         return out.hidden_states[-2], mask
 
 

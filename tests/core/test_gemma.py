@@ -163,3 +163,22 @@ def test_single_file_without_tokenizer_says_where_to_put_one(paths, tmp_path):
     with pytest.raises(ModelFileError) as e:
         load_gemma(f)
     assert "gemma_no_tok.tokenizer.json" in str(e.value) and "spiece_model" in str(e.value)
+
+
+def test_embedding_table_kept_on_the_cpu_gives_the_same_features(paths):
+    """The staged pipeline keeps Gemma's 1.25 GiB embedding table on the CPU (cpu_only); features must not change."""
+    from newbie_core.loading import CPU_ONLY
+    from newbie_core.memory import StagedModel
+    from newbie_core.precision import parse_precision
+
+    enc = load_gemma(paths["gemma_hf"], dtype=torch.float32)
+    prec = parse_precision("bf16", "text")
+    ref_staged = StagedModel("gemma", enc.model)
+    ref_staged.acquire("cpu", prec)
+    ref, _ = enc.encode(["1girl, smile", "a cat"])
+    ref_staged.release()
+    staged = StagedModel("gemma", enc.model, cpu_only=CPU_ONLY["gemma"])
+    staged.acquire("cpu", prec)
+    assert enc.model.embed_tokens.weight.dtype == torch.float32 and enc.model.norm.weight.dtype == torch.bfloat16
+    out, _ = enc.encode(["1girl, smile", "a cat"])
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
