@@ -2,8 +2,9 @@
 
 `attention(q, k, v, key_mask=None)` is the DiT's default attention function; ComfyUI may inject another
 callable with the same signature. Shapes: q `[B,Hq,S,Dh]`, k/v `[B,Hkv,S,Dh]` (Hq a multiple of Hkv,
-query head i uses kv head i // (Hq/Hkv)), key_mask `[B,S]` (True = real token) or None; scale 1/sqrt(Dh);
-non-causal. Returns `[B,Hq,S,Dh]`. Rows of padded *queries* are unspecified (never read by the DiT).
+query head i uses kv head i // (Hq/Hkv)), key_mask `[B,S]` (True = real token), a `KeyPrefix` (sample i
+attends to its first n_i tokens: the DiT packs real tokens first, so no mask reaches the kernel) or None;
+scale 1/sqrt(Dh); non-causal. Returns `[B,Hq,S,Dh]`. Rows of padded *queries* are unspecified (never read).
 
 Backends (`set_attention_backend`): "auto" = flash-attn when the `flash_attn` package imports, the
 tensors are on CUDA and fp16/bf16, else SDPA; "sdpa"; "flash" (error if flash-attn is missing).
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,9 +66,55 @@ def flash_attn_available() -> bool:
     return bool(_flash())
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
-              backend: str | None = None) -> torch.Tensor:
+@dataclass(frozen=True)
+class KeyPrefix:
+    """Key padding as per-sample prefix lengths: sample i's real tokens are its first `lengths[i]` positions.
+
+    Python ints, fixed per generation (computed once by `NextDiT.prepare`), so compiled graphs see constants
+    and kernels run without any mask.
+    """
+
+    lengths: tuple[int, ...]
+
+    def as_mask(self, seq: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """The equivalent boolean key mask `[B, seq]` (for kernels that only take masks)."""
+        return torch.arange(seq, device=device)[None] < torch.tensor(self.lengths, device=device)[:, None]
+
+
+def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: KeyPrefix,
+                     unmasked: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Attention where sample i uses only its first n_i tokens: one unmasked kernel call per run of equal n.
+
+    Padded query rows come back as zeros. Slices are views (no copies) when equal lengths are adjacent,
+    which is how the CFG batch is laid out ([cond]*B + [uncond]*B).
+    """
+    s = q.shape[2]
+    outs, start = [], 0
+    lengths = prefix.lengths
+    while start < len(lengths):
+        end, n = start, lengths[start]
+        while end < len(lengths) and lengths[end] == n:
+            end += 1
+        o = unmasked(q[start:end, :, :n], k[start:end, :, :n], v[start:end, :, :n])
+        outs.append(F.pad(o, (0, 0, 0, s - n)) if n < s else o)
+        start = end
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+
+
+def supports_key_prefix(fn: Callable) -> bool:
+    """True when an attention callable accepts a `KeyPrefix` key mask: ours (or a partial of it), or any
+    callable marked `fn.supports_key_prefix = True`. Others get a boolean mask from the DiT."""
+    import functools
+
+    inner = fn.func if isinstance(fn, functools.partial) else fn
+    return inner is attention or bool(getattr(fn, "supports_key_prefix", False))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              key_mask: torch.Tensor | KeyPrefix | None = None, backend: str | None = None) -> torch.Tensor:
     """Non-causal multi-head attention with GQA and an optional key-padding mask (see module doc)."""
+    if isinstance(key_mask, KeyPrefix):
+        return prefix_attention(q, k, v, key_mask, lambda a, b, c: attention(a, b, c, None, backend))
     backend = backend or _backend
     if backend == "flash" or (backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
                               and flash_attn_available()):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -113,6 +114,14 @@ def cmd_make_tiny(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `newbie` console command."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Growable segments instead of fixed ones: reserved VRAM stays near allocated (what decides fitting an
+    # 8 GB card). Read when CUDA first allocates, so setting it here is early enough; a user's value wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if argv[:1] == ["bench"]:  # its own options (see `newbie bench --help`)
+        from .bench import main as bench_main  # noqa: PLC0415 - heavy, GPU only
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="newbie", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -120,17 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("make-tiny", help="write tiny random-weight models in the real file layouts")
     t.add_argument("dir")
     t.add_argument("--seed", type=int, default=0)
-    b = sub.add_parser("bench", help="GPU benchmark (see benchmarks/README)")
-    b.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("bench", help="GPU benchmark: newbie bench --help")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.cmd == "generate":
             return cmd_generate(args)
-        if args.cmd == "make-tiny":
-            return cmd_make_tiny(args)
-        from .bench import main as bench_main  # noqa: PLC0415 - heavy, GPU only
-        return bench_main(args.rest)
+        return cmd_make_tiny(args)
     except NewBieError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .attention import attention as default_attention
-from .attention import rope_cos_sin
+from .attention import KeyPrefix, rope_cos_sin, supports_key_prefix
 from .dit_blocks import FinalLayer, JointTransformerBlock, TimestepEmbedder, rms_norm_class
 from .errors import InputError
 from .ops import TorchOps
@@ -90,7 +90,11 @@ class DiTConfig:
 class DiTLayout:
     """Everything that depends only on (cap_mask, latent size): masks and RoPE cos/sin tables.
 
-    Masks are None when no caption is padded (then attention gets no mask: fast kernels).
+    Masks are None when no caption is padded (then attention gets no mask: fast kernels). With padded
+    captions and packing on, the joint sequence of sample i is reordered to [its real caption tokens, image
+    tokens, caption pads] (`joint_order`), so its real tokens are a prefix and `joint_mask` is a `KeyPrefix`;
+    `img_index` then says where each sample's image rows are. Attention is permutation-equivariant given
+    the RoPE positions (permuted alike), so this is exactly the official computation.
     RoPE tensors are fp32 with a singleton head axis: cap `[1,L,1,Dh/2]`, img `[B,N,1,Dh/2]`,
     joint `[B,L+N,1,Dh/2]`.
     """
@@ -100,10 +104,12 @@ class DiTLayout:
     height: int
     width: int
     cap_mask: torch.Tensor | None
-    joint_mask: torch.Tensor | None
+    joint_mask: torch.Tensor | KeyPrefix | None
     cap_rope: tuple[torch.Tensor, torch.Tensor]
     img_rope: tuple[torch.Tensor, torch.Tensor]
     joint_rope: tuple[torch.Tensor, torch.Tensor]
+    joint_order: torch.Tensor | None = None
+    img_index: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "DiTLayout":
         """This layout on `device` (self when already there)."""
@@ -112,10 +118,11 @@ class DiTLayout:
             return self
 
         def mv(t):
-            return None if t is None else t.to(device, non_blocking=True)
+            return t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
 
         return dataclasses.replace(
-            self, cap_mask=mv(self.cap_mask), joint_mask=mv(self.joint_mask),
+            self, cap_mask=mv(self.cap_mask), joint_mask=mv(self.joint_mask), joint_order=mv(self.joint_order),
+            img_index=mv(self.img_index),
             cap_rope=tuple(map(mv, self.cap_rope)), img_rope=tuple(map(mv, self.img_rope)),
             joint_rope=tuple(map(mv, self.joint_rope)))
 
@@ -159,6 +166,9 @@ class NextDiT(nn.Module):
             norm(cfg.clip_text_dim, eps=cfg.qk_norm_eps, **kw),
             ops.Linear(cfg.clip_text_dim, cfg.clip_text_dim, bias=True, **kw))
         self.compute_dtype: torch.dtype | None = None
+        # Pack real tokens first (KeyPrefix, unmasked kernels) when the attention callable understands it;
+        # False: a boolean key mask over the padded batch (the plain way).
+        self.packed_attention = supports_key_prefix(attn)
 
     def resolve_compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype the forward computes in for input `x` (see the class docstring)."""
@@ -214,8 +224,19 @@ class NextDiT(nn.Module):
         joint = (torch.cat([cap_c.expand(b, -1, -1, -1), img_c], 1), torch.cat([cap_s.expand(b, -1, -1, -1), img_s], 1))
         padded = not bool(m.all())
         cap_mask_t = m if padded else None
-        joint_mask = torch.cat([m, torch.ones(b, n, dtype=torch.bool)], 1) if padded else None
-        layout = DiTLayout(b, seq, height, width, cap_mask_t, joint_mask, (cap_c, cap_s), (img_c, img_s), joint)
+        order = img_index = None
+        if not padded:
+            joint_mask = None
+        elif self.packed_attention:  # real tokens first, pads last: a KeyPrefix, no mask (see DiTLayout)
+            order = torch.stack([torch.cat([torch.arange(int(k)), seq + torch.arange(n), torch.arange(int(k), seq)])
+                                 for k in lens])
+            joint = tuple(t.gather(1, order[:, :, None, None].expand_as(t)) for t in joint)
+            img_index = lens[:, None] + torch.arange(n)[None]
+            joint_mask = KeyPrefix(tuple(int(k) + n for k in lens))
+        else:
+            joint_mask = torch.cat([m, torch.ones(b, n, dtype=torch.bool)], 1)
+        layout = DiTLayout(b, seq, height, width, cap_mask_t, joint_mask, (cap_c, cap_s), (img_c, img_s), joint,
+                           order, img_index)
         return layout.to(device)
 
     # ----------------------------------------------------------------------------------- forward
@@ -259,10 +280,16 @@ class NextDiT(nn.Module):
             img = block(img, None, layout.img_rope, c)
 
         hidden = torch.cat([cap, img], dim=1)
+        if layout.joint_order is not None:
+            hidden = hidden.gather(1, layout.joint_order[..., None].expand(-1, -1, hidden.shape[-1]))
         for block in self.layers:
             hidden = block(hidden, layout.joint_mask, layout.joint_rope, c)
 
-        out = self.final_layer(hidden[:, seq:], c)  # per-token: only the image rows are needed
+        if layout.img_index is not None:
+            rows = hidden.gather(1, layout.img_index[..., None].expand(-1, -1, hidden.shape[-1]))
+        else:
+            rows = hidden[:, seq:]
+        out = self.final_layer(rows, c)  # per-token: only the image rows are needed
         co = cfg.out_channels
         out = out.view(b, h // p, w // p, p, p, co).permute(0, 5, 1, 3, 2, 4).reshape(b, co, h, w)
         return out.to(x.dtype)

@@ -128,6 +128,13 @@ class Pipeline:
             self._models[role] = StagedModel(role, loaded.module, loaded.source, loaded.cpu_only, loaded.stream)
         return self._models[role]
 
+    def adopt(self, role: str, wrapper, staged: StagedModel) -> None:
+        """Use an already built model for `role` instead of reading its file (benchmarks, custom loaders).
+
+        `wrapper` is what the stage calls (encoder, DiT, FluxVAE); `staged` manages its weights.
+        """
+        self._wrappers[role], self._models[role] = wrapper, staged
+
     def _acquire(self, role: str):
         staged = self._load(role)
         precision = self.precision(role)
@@ -175,7 +182,8 @@ class Pipeline:
 
     def encode(self, prompts: list[str], system_prompt: str = SYSTEM_PROMPTS["xml"]) -> list[PromptEmbeddings]:
         """Encode prompts (each batch 1, on the CPU), through the embedding cache; the text stage."""
-        identity = (file_identity(self.paths.gemma), file_identity(self.paths.jina), self.precision_names["text"])
+        identity = (file_identity(getattr(self.paths, "gemma", None)), file_identity(getattr(self.paths, "jina", None)),
+                    self.precision_names["text"])
         try:
             embs, encoded = encode_cached(prompts, system_prompt, self.cache, identity,
                                           lambda: self._on_device("gemma"), lambda: self._on_device("jina"),

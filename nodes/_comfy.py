@@ -125,11 +125,18 @@ def comfyui_attention(q, k, v, key_mask=None):
     """
     from comfy.ldm.modules.attention import optimized_attention_masked
 
+    from ..newbie_core.attention import KeyPrefix, prefix_attention
+
+    if isinstance(key_mask, KeyPrefix):  # packed real tokens: unmasked kernel calls per caption length
+        return prefix_attention(q, k, v, key_mask, lambda a, b, c: comfyui_attention(a, b, c, None))
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     mask = None if key_mask is None else key_mask[:, None, None, :]
     return optimized_attention_masked(q, k, v, q.shape[1], mask=mask, skip_reshape=True, skip_output_reshape=True)
+
+
+comfyui_attention.supports_key_prefix = True
 
 
 def resolve_attention(name: str):

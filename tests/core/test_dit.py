@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from newbie_core import attention as attn_mod
-from newbie_core.attention import apply_rope, attention, rope_cos_sin, sdpa_attention
+from newbie_core.attention import KeyPrefix, apply_rope, attention, rope_cos_sin, sdpa_attention
 from newbie_core.dit import DiTConfig, NextDiT, load_dit
 from newbie_core.errors import InputError
 from newbie_core.ops import TorchOps
@@ -77,6 +77,8 @@ def test_injected_operations_and_attention_are_used(tiny_paths):
 
     m = load_dit(tiny_paths["dit_hf"], dtype=torch.float32, operations=ops, attention=my_attention)
     ref = load_dit(tiny_paths["dit_hf"], dtype=torch.float32)
+    assert not m.packed_attention, "an unknown attention callable gets a boolean mask, never a KeyPrefix"
+    ref.packed_attention = False
     x, t, cf, p = _inputs()
     mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
     torch.testing.assert_close(m(x, t, cf, mask, p), ref(x, t, cf, mask, p), rtol=0, atol=0)
@@ -109,9 +111,24 @@ def test_layout_precompute_and_unpadded_fast_path(dit):
     torch.testing.assert_close(dit(x, t, cf, full, p, layout=lay), dit(x, t, cf, full, p), rtol=0, atol=0)
     padded = torch.tensor([[1] * 6, [1] * 2 + [0] * 4])
     lay = dit.prepare(padded, 8, 10)
-    assert lay.joint_mask.shape == (2, 6 + 20) and lay.joint_rope[0].shape == (2, 26, 1, C.head_dim // 2)
+    assert lay.joint_mask == KeyPrefix((6 + 20, 2 + 20)) and lay.joint_rope[0].shape == (2, 26, 1, C.head_dim // 2)
     with pytest.raises(InputError, match="prepare"):
         dit(x[:, :, :, :8], t, cf, padded, p, layout=lay)
+
+
+def test_packed_real_tokens_equal_the_masked_padded_batch(dit):
+    """Packing each sample's real tokens first (KeyPrefix, no mask) computes what a key mask computes."""
+    x, t, cf, p = _inputs()
+    padded = torch.tensor([[1] * 6, [1] * 2 + [0] * 4])
+    packed = dit(x, t, cf, padded, p)
+    dit.packed_attention = False
+    try:
+        lay = dit.prepare(padded, 8, 10)
+        assert lay.joint_mask.dtype == torch.bool and lay.joint_order is None
+        masked = dit(x, t, cf, padded, p, layout=lay)
+    finally:
+        dit.packed_attention = True
+    torch.testing.assert_close(packed, masked, rtol=0, atol=2e-6)
 
 
 def test_empty_caption_row_is_finite(dit):

@@ -1,0 +1,95 @@
+"""Benchmark results → a markdown table (for the README) and a PNG bar chart (drawn with Pillow)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+TARGETS = {"staged_bf16": 7.5, "fp8": 4.0, "lowvram": 2.0}  # GiB, peak allocated, whole pipeline
+
+
+def check_parity(result: dict) -> list[str]:
+    """Names of every measurement whose parity check failed."""
+    failed = []
+    for section in ("dit_step", "generation"):
+        for name, r in (result.get(section) or {}).items():
+            if r.get("within_tolerance") is False:
+                failed.append(f"{section}.{name}: rel L2 {r.get('rel_l2_diff')} > {r.get('tolerance', 'tolerance')}")
+    return failed
+
+
+def _f(x, nd=3) -> str:
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def markdown(result: dict) -> str:
+    """The results as markdown tables: DiT step variants, whole generations, extra points, VRAM growth."""
+    env = result["environment"]
+    lines = [f"**{env['gpu']}**, torch {env['torch']} (CUDA {env['cuda']}), transformers {env['transformers']}, "
+             f"{env['date']}. Random full-size weights; memory in GiB (2^30 B) from torch's allocator.", ""]
+    steps = result.get("dit_step") or {}
+    if steps:
+        naive = steps["naive_eager_bf16"]["seconds"]
+        lines += ["| DiT step (CFG batch 2, 1024², 256 caption tokens) | s / step | × naive | peak alloc | rel. diff |",
+                  "|---|---|---|---|---|"]
+        for name, r in steps.items():
+            if "seconds" not in r:
+                continue
+            diff = r.get("rel_l2_diff")
+            lines.append(f"| {name} | {_f(r['seconds'], 4)} | {_f(r['seconds'] / naive, 2)} | "
+                         f"{_f(r['peak_alloc_gib'], 2)} | {'–' if diff is None else f'{diff:.1e}'} |")
+        lines.append("")
+    gens = result.get("generation") or {}
+    if gens:
+        lines += ["| mode (1024², CFG 4, 28 steps) | end-to-end s | × naive | text peak | DiT peak | VAE peak | "
+                  "peak (resv) | latent rel. diff (naive: vs fp32) |", "|---|---|---|---|---|---|---|---|"]
+        naive_s = gens["naive"]["seconds"]
+        for name, r in gens.items():
+            st = r["stages"]
+            diff = r.get("rel_l2_diff")
+            lines.append(
+                f"| {name} | {_f(r['seconds'], 2)} | {_f(r['seconds'] / naive_s, 2)} | "
+                f"{_f(st.get('text', {}).get('peak_alloc_gib'), 2)} | {_f(st['dit']['peak_alloc_gib'], 2)} | "
+                f"{_f(st['vae']['peak_alloc_gib'], 2)} | {_f(r['peak_alloc_gib'], 2)} ({_f(r['peak_resv_gib'], 2)}) | "
+                f"{'–' if diff is None else f'{diff:.1e}'} |")
+        lines.append("")
+    points = result.get("points") or {}
+    for name, r in points.items():
+        lines.append(f"- staged bf16 at {name}: {_f(r['seconds'], 2)} s, peak {_f(r['peak_alloc_gib'], 2)} GiB "
+                     f"(DiT stage {_f(r['stages']['dit']['peak_alloc_gib'], 2)} GiB)")
+    growth = result.get("vram_growth")
+    if growth:
+        lines.append(f"- {growth['generations']} consecutive generations with a purge after each: allocated VRAM "
+                     f"growth {growth['growth_mib']} MiB")
+    return "\n".join(lines) + "\n"
+
+
+def chart(result: dict, path: Path) -> None:
+    """Two bar charts side by side: peak VRAM per mode (with targets) and end-to-end seconds per mode."""
+    from PIL import Image, ImageDraw
+
+    gens = result.get("generation") or {}
+    img = Image.new("RGB", (1000, 70 + 44 * max(1, len(gens))), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 8), f"NewBie staged — {result['environment']['gpu']} — 1024², CFG 4, 28 steps", fill="black")
+    panels = (("peak allocated VRAM (GiB)", "peak_alloc_gib", 20, (70, 110, 200)),
+              ("end-to-end seconds", "seconds", None, (220, 130, 50)))
+    for p, (title, key, _, color) in enumerate(panels):
+        x0 = 130 + p * 440
+        d.text((x0, 32), title, fill="black")
+        vmax = max([r[key] for r in gens.values()] + [TARGETS["staged_bf16"] if key == "peak_alloc_gib" else 0] + [1e-9])
+        for i, (name, r) in enumerate(gens.items()):
+            y = 56 + 44 * i
+            if p == 0:
+                d.text((10, y + 8), name, fill="black")
+            w = int(360 * r[key] / vmax)
+            d.rectangle([x0, y, x0 + w, y + 28], fill=color)
+            d.text((x0 + w + 4, y + 8), f"{r[key]:.2f}", fill="black")
+            if key == "peak_alloc_gib" and name in TARGETS:
+                tx = x0 + int(360 * TARGETS[name] / vmax)
+                d.line([tx, y - 2, tx, y + 30], fill=(200, 0, 0), width=2)
+    img.save(path)
+
+
+def write_reports(result: dict, md_path: Path, png_path: Path) -> None:
+    """Write the markdown table and the PNG chart."""
+    md_path.write_text(markdown(result))
+    chart(result, png_path)
