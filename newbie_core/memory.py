@@ -126,8 +126,9 @@ class StagedModel:
         self.device, self.precision = device, precision
         return self.module
 
-    def release(self) -> None:
-        """Point every tensor back at the pristine CPU copy, dropping the device copy, and clear caches."""
+    def release(self, clear_cache: bool = True) -> None:
+        """Point every tensor back at the pristine CPU copy, dropping the device copy, and clear caches
+        (`clear_cache=False`: leave the freed blocks cached, e.g. for the next model of the same stage)."""
         if self.device.type == "cpu" and (self.precision is None or self.precision.storage == self.pristine_dtype):
             self.precision = None  # the "copy" aliased the pristine tensors: nothing to free
             set_linear_storage(self.module, False)
@@ -141,7 +142,8 @@ class StagedModel:
                     mod._buffers[pname] = self._pristine[full]
         set_linear_storage(self.module, False)
         self.device, self.precision = torch.device("cpu"), None
-        empty_device_cache(old_device)
+        if clear_cache:
+            empty_device_cache(old_device)
 
     def nbytes(self, on_device_only: bool = False) -> int:
         """Bytes the weights occupy now (on their current device and dtype)."""

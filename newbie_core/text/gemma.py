@@ -24,6 +24,7 @@ import torch
 from ..errors import ModelFileError
 from ..files import describe_state_dict, list_keys, read_safetensors, weight_files
 from .prompts import GEMMA_SPEC, TextTokenizer, tokenize_batch
+from ..recovery import cleans_up_on_failure
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +221,7 @@ class GemmaTextEncoder:
         return out.hidden_states[-2], mask
 
 
+@cleans_up_on_failure
 def load_gemma(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> GemmaTextEncoder:
     """Load Gemma3-4B-it's text path from a HF folder or a ComfyUI single file (see the module docstring)."""
     from transformers import Gemma3TextModel

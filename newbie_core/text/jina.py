@@ -31,6 +31,7 @@ import torch
 from ..errors import ModelFileError
 from ..files import describe_state_dict, list_keys, read_safetensors, weight_files
 from .gemma import SPIECE_KEY, build_hf_model
+from ..recovery import cleans_up_on_failure
 from .prompts import JINA_SPEC, TextTokenizer, tokenize_batch
 
 logger = logging.getLogger(__name__)
@@ -245,6 +246,7 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden.float() * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
 
 
+@cleans_up_on_failure
 def load_jina(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
               merge: bool = True) -> JinaTextEncoder:
     """Load the Jina CLIP v2 text tower from a HF folder or ComfyUI single file (see the module docstring).
