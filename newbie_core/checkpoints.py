@@ -163,8 +163,8 @@ def check_dit_keys(keys, source: str = "state dict") -> None:
     if not any(m in stripped for m in ("x_embedder.weight", "layers.0.attention.qkv.weight", DIFFUSERS_MARKER)):
         raise _not_newbie(keys, source)
     has_cap = "cap_embedder.1.weight" in stripped or "time_caption_embed.caption_embedder.1.weight" in stripped
-    if has_cap and not any("clip_text_pooled_proj" in k or k.startswith(("time_text_embed.", "time_caption_embed.time_text_embed."))
-                           for k in stripped):
+    clip = ("time_text_embed.", "time_caption_embed.time_text_embed.")
+    if has_cap and not any("clip_text_pooled_proj" in k or k.startswith(clip) for k in stripped):
         raise _lumina_error(source)
 
 

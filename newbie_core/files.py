@@ -89,15 +89,12 @@ def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> list[str]
     return [c for c in dict.fromkeys(found) if c != name][:n]
 
 
-def missing_file_error(name: str, folders: Iterable[str | os.PathLike], candidates: Iterable[str],
-                       expected: str = "") -> "ModelFileError":
-    """ModelFileError for a model that is not where it was looked for: the folders searched, close matches, fix."""
-    folders = [str(f) for f in folders]
+def missing_file_error(name: str, where: str, candidates: Iterable[str], fix: str = "") -> "ModelFileError":
+    """ModelFileError for a model that is not where it was looked for: `where` (the folders searched), up to
+    three close matches from `candidates`, and `fix` (what to do)."""
     similar = close_matches(name, candidates)
-    hint = f" Did you mean: {', '.join(repr(s) for s in similar)}?" if similar else ""
-    where = ", ".join(folders) if folders else "(no folder configured)"
-    put = f" Put {expected} there, or pick another file." if expected else ""
-    return ModelFileError(f"'{name}' was not found in {where}.{hint}{put}")
+    hint = f" Close matches: {', '.join(repr(s) for s in similar)}." if similar else ""
+    return ModelFileError(f"'{name}' was not found in {where}.{hint}{(' ' + fix) if fix else ''}")
 
 
 def _folder_names(folder: Path) -> list[str]:
@@ -111,7 +108,8 @@ def read_safetensors(path: str | os.PathLike, keys: Iterable[str] | None = None)
     """Read tensors (all, or only `keys`) from one safetensors file onto the CPU."""
     path = Path(path)
     if not path.is_file():
-        raise missing_file_error(path.name, [path.parent], _folder_names(path.parent))
+        raise missing_file_error(path.name, f"folder {path.parent}", _folder_names(path.parent),
+                                 "Check the path, or put the file there.")
     f = open_safetensors(path)
     wanted = list(f.keys()) if keys is None else [k for k in keys if k in f.keys()]
     out = {}
@@ -140,7 +138,8 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise missing_file_error(path.name, [path.parent], _folder_names(path.parent))
+        raise missing_file_error(path.name, f"folder {path.parent}", _folder_names(path.parent),
+                                 "Check the path, or put the file there.")
     for index_name in ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json"):
         index = path / index_name
         if index.is_file():

@@ -257,6 +257,11 @@ class EmbeddingCache:
         """Drop every entry."""
         self._items.clear()
 
+    def nbytes(self) -> int:
+        """RAM held by the cached tensors (every tensor attribute of each entry)."""
+        tensors = (t for v in self._items.values() for t in getattr(v, "__dict__", {}).values())
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
     def __len__(self) -> int:
         return len(self._items)
 
