@@ -24,7 +24,8 @@ from typing import Mapping
 import torch
 
 from .errors import ModelFileError
-from .files import describe_state_dict, list_keys, read_safetensors, read_state_dict, safetensors_metadata, weight_files
+from .files import (describe_state_dict, list_keys, read_safetensors, read_state_dict, require_exists,
+                    safetensors_metadata, weight_files)
 
 COMFY_PREFIX = "model.diffusion_model."
 _OTHER_PREFIXES = ("diffusion_model.",)
@@ -276,8 +277,7 @@ def read_dit_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tens
     From a file holding `model.diffusion_model.*` keys only those tensors are read (all-in-one files).
     """
     path = Path(source)
-    if not path.exists():
-        raise ModelFileError(f"DiT weights not found: {path}. Expected {EXPECTED}.")
+    require_exists(path, "the DiT", f"Expected {EXPECTED}.")
     if path.is_dir() and (path / "transformer").is_dir():
         path = path / "transformer"
     files = weight_files(path)

@@ -82,10 +82,9 @@ def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> list[str]
     cands = list(dict.fromkeys(str(c) for c in candidates))
     lower = {c.lower(): c for c in cands}
     found = [lower[name.lower()]] if name.lower() in lower and lower[name.lower()] != name else []
-    stem = Path(name).stem.lower()
-    by_stem = {Path(c).stem.lower(): c for c in cands}
+    stem = Path(name.rstrip("/")).stem.lower()  # compare stems: a shared ".safetensors" is no likeness
+    by_stem = {Path(c.rstrip("/")).stem.lower(): c for c in cands}
     found += [by_stem[m] for m in difflib.get_close_matches(stem, list(by_stem), n=n, cutoff=0.6)]
-    found += difflib.get_close_matches(name, cands, n=n, cutoff=0.6)
     return [c for c in dict.fromkeys(found) if c != name][:n]
 
 
@@ -95,6 +94,15 @@ def missing_file_error(name: str, where: str, candidates: Iterable[str], fix: st
     similar = close_matches(name, candidates)
     hint = f" Close matches: {', '.join(repr(s) for s in similar)}." if similar else ""
     return ModelFileError(f"'{name}' was not found in {where}.{hint}{(' ' + fix) if fix else ''}")
+
+
+def require_exists(path: str | os.PathLike, what: str, fix: str) -> Path:
+    """`path` as a Path if it exists; else a ModelFileError naming `what`, the folder searched, close matches
+    among its files and `fix`."""
+    path = Path(path)
+    if not path.exists():
+        raise missing_file_error(path.name, f"folder {path.parent} ({what})", _folder_names(path.parent), fix)
+    return path
 
 
 def _folder_names(folder: Path) -> list[str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError, ModelFileError
-from .files import describe_state_dict, list_keys, read_safetensors, read_state_dict, safetensors_metadata
+from .files import describe_state_dict, list_keys, read_safetensors, read_state_dict, require_exists, safetensors_metadata
 from .memory import empty_device_cache, is_out_of_memory
 from .recovery import cleans_up_on_failure
 
@@ -218,7 +218,7 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device
         raise ModelFileError(f"{path} is a folder without a VAE (no config.json, vae/ subfolder or ae.safetensors). "
                              f"Expected {EXPECTED}.")
     if not path.is_file():
-        raise ModelFileError(f"VAE file not found: {path}. Expected {EXPECTED}.")
+        require_exists(path, "the VAE", f"Expected {EXPECTED}.")
     return FluxVAE(_load_single_file(path, dtype, device), tile_size, tile_overlap)
 
 

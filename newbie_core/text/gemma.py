@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelFileError
-from ..files import describe_state_dict, list_keys, read_safetensors, weight_files
+from ..files import describe_state_dict, list_keys, read_safetensors, require_exists, weight_files
 from .prompts import GEMMA_SPEC, TextTokenizer, tokenize_batch
 from ..recovery import cleans_up_on_failure
 
@@ -187,9 +187,8 @@ def _find_tokenizer(path: Path, spiece: torch.Tensor | None) -> TextTokenizer:
 
 
 def _resolve(path: Path) -> Path:
-    if not path.exists():
-        raise ModelFileError(f"Gemma text encoder not found: {path}. Check the path, or download "
-                             f"gemma_3_4b_it_bf16.safetensors into ComfyUI/models/text_encoders/.")
+    require_exists(path, "the Gemma text encoder", "Check the path, or download "
+                   "gemma_3_4b_it_bf16.safetensors into ComfyUI/models/text_encoders/.")
     if path.is_dir() and not (path / "config.json").is_file() and (path / "text_encoder").is_dir():
         return path / "text_encoder"  # the NewBie repo root was given
     return path
