@@ -62,7 +62,6 @@ class NewBieDiTSampler(io.ComfyNode):
         validate_size(width, height)
         cond, uncond = from_conditioning(positive, "positive"), from_conditioning(negative, "negative")
         b, h, w = batch_size, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR
-        noise = make_noise(seed, b, h, w, LATENT_CHANNELS)
 
         dm = getattr(model.model, "diffusion_model", None)
         if not isinstance(dm, _comfy.ComfyNewBieDiT):
@@ -71,19 +70,22 @@ class NewBieDiTSampler(io.ComfyNode):
         dm.check_size(h, w)
         check_conditioning(dm.config, cond, uncond)  # text encoders of another width: say so before loading
         try:
-            samples = run_sampler(model, dm, cond, uncond, noise, steps, cfg, shift, solver, cfg_trunc, renorm)
+            samples = run_sampler(model, dm, cond, uncond, (seed, b, h, w), steps, cfg, shift, solver, cfg_trunc,
+                                  renorm)
         except BaseException as e:  # OOM, cancel, NaN: free everything the run holds; OOM → unload + hint
             _comfy.fail_cleanly(e, "DiT sampling", model.load_device)
             raise
         return io.NodeOutput({"samples": samples})
 
 
-def run_sampler(model, dm, cond, uncond, noise, steps, cfg, shift, solver, cfg_trunc, renorm) -> torch.Tensor:
-    """Load the DiT through ComfyUI, sample, check for NaN/inf; unscaled latents on the intermediate device.
+def run_sampler(model, dm, cond, uncond, shape, steps, cfg, shift, solver, cfg_trunc, renorm) -> torch.Tensor:
+    """Seeded noise of `shape` (seed, batch, latent h, latent w) → load the DiT through ComfyUI, sample, check for
+    NaN/inf; unscaled latents on the intermediate device.
 
-    Its own frame on purpose: when it fails, every device tensor of the run is one of its locals, which the
-    caller's clean-up frees at once (newbie_core.recovery)."""
-    b, h, w = noise.shape[0], noise.shape[-2], noise.shape[-1]
+    Its own frame on purpose: when it fails, every tensor of the run is one of its locals, which the caller's
+    clean-up frees at once (newbie_core.recovery)."""
+    seed, b, h, w = shape
+    noise = make_noise(seed, b, h, w, LATENT_CHANNELS)
     _comfy.load_to_device([model], memory_required=activation_bytes(dm, b, h, w, cond, uncond))
     device, compute = model.load_device, dm.compute_dtype or torch.bfloat16
     forward = compiled_velocity(dm) if model.model_options.get("newbie_compile") else dm.velocity
