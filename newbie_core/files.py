@@ -56,13 +56,17 @@ def diagnose_weight_file(path: str | os.PathLike) -> str:
                 f"the rest of the tensor data is missing")
     if size > expected:
         return f"it has {size - expected:,} unexpected bytes after the tensor data"
-    return "safetensors cannot read it"
+    return _UNREADABLE
+
+
+_UNREADABLE = "safetensors cannot read it"
 
 
 def damaged_file_error(path: str | os.PathLike, detail: str = "") -> "ModelFileError":
-    """ModelFileError for a weight file that exists but cannot be read: what is wrong and to re-download it."""
+    """ModelFileError for a weight file that exists but cannot be read: what is wrong and to re-download it.
+    `detail` (the reader's own error) is shown only when the file itself looks intact."""
     why = diagnose_weight_file(path)
-    extra = f" ({detail})" if detail else ""
+    extra = f" ({detail})" if detail and why == _UNREADABLE else ""
     return ModelFileError(f"{path} is damaged: {why}{extra}. Re-download it; an interrupted or partial "
                           f"download is the usual cause. Nothing was loaded from it.")
 
@@ -178,16 +182,24 @@ def read_state_dict(path: str | os.PathLike, allow_pickle_free_pth: bool = True)
             try:
                 sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
-                raise ModelFileError(
-                    f"{f} could not be read as a weights-only checkpoint ({e}): it is damaged, or it is a pickle "
-                    f"that needs code to load, which is refused (nothing in it was run). Use a .safetensors file."
-                ) from e
+                raise _refused_pickle(f, e) from e
             if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
                 sd = sd["state_dict"]
             out.update({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
         else:
             raise ModelFileError(f"{f}: unsupported weight file type {f.suffix!r}; expected .safetensors.")
     return out
+
+
+def _refused_pickle(path: Path, exc: Exception) -> ModelFileError:
+    """The error for a `.pth/.ckpt/...` that `torch.load(weights_only=True)` refused or could not read."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        what = next((ln.strip() for ln in text.splitlines() if "WeightsUnpickler error" in ln), "code in the pickle")
+        return ModelFileError(f"{path} is a pickle checkpoint that needs code to load ({what}). It was refused and "
+                              f"nothing in it was run: model files are read as data only. Use a .safetensors file.")
+    return ModelFileError(f"{path} is damaged: it cannot be read as a weights-only checkpoint ({text.splitlines()[0]}). "
+                          f"Re-download it, or use a .safetensors file.")
 
 
 def strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

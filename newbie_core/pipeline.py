@@ -28,6 +28,7 @@ from .text.prompts import SYSTEM_PROMPTS
 from .vae import LATENT_CHANNELS, VAE_SCALE_FACTOR
 
 log = logging.getLogger(__name__)
+STAGE_NAMES = {"text": "text encoding", "dit": "DiT sampling", "vae": "VAE decode"}  # as the nodes name them
 # What the user can change when a stage runs out of memory (command line / Python API spelling).
 LOW_VRAM_HINTS = {
     "text": "Lower-memory options: fp8_e4m3fn text precision (--precision text=fp8_e4m3fn), or a shorter prompt.",
@@ -253,7 +254,7 @@ class Pipeline:
             m.release(clear_cache=False)
         release_failure(exc, self.device)
         if is_out_of_memory(exc):
-            raise out_of_memory_error(stage, self.device, LOW_VRAM_HINTS[stage]) from exc
+            raise out_of_memory_error(STAGE_NAMES[stage], self.device, LOW_VRAM_HINTS[stage]) from exc
         raise exc
 
     def generate(self, prompt: str, negative: str = "", settings: GenerationSettings | None = None,

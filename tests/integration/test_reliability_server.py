@@ -193,7 +193,7 @@ BAD = {  # case → (graph overrides, failing node, message fragments)
                     ["is not a NewBie-image DiT: it looks like an SDXL UNet checkpoint", "Expected NewBie-Image-Exp0.1"]),
     "gemma_as_vae": ({"vae_name": "gemma_in_vae.safetensors"}, "NewBieVAELoader",
                      ["is not a FLUX VAE: it looks like a Gemma-3 text model", "Expected ae.safetensors"]),
-    "pickle_vae": ({"vae_name": "evil.pth"}, "NewBieVAELoader", ["refused (nothing in it was run)"]),
+    "pickle_vae": ({"vae_name": "evil.pth"}, "NewBieVAELoader", ["is a pickle checkpoint that needs code to load", "It was refused and nothing in it was run"]),
     "encoder_width": ({"dit_name": "NewBie-other-width.safetensors"}, "NewBieDiTSampler",
                       ["The prompt features are 64 wide, but this DiT expects 48", "do not belong to this DiT"]),
     "size_not_16": ({"width": 1000}, "NewBieDiTSampler", ["width 1000", "Nearest valid size: 992×64"]),
