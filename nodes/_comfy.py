@@ -288,6 +288,8 @@ def fail_cleanly(exc: BaseException, stage: str, device) -> None:
     if oom:
         mm.soft_empty_cache(True)
         raise out_of_memory_error(stage, device, LOW_VRAM_HINTS[stage]) from exc
+
+
 def purge_all() -> None:
     """Unload every model through ComfyUI, collect garbage, then empty the device caches (that order)."""
     mm.unload_all_models()
