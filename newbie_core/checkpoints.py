@@ -24,7 +24,8 @@ from typing import Mapping
 import torch
 
 from .errors import ModelFileError
-from .files import describe_state_dict, list_keys, read_safetensors, read_state_dict, safetensors_metadata, weight_files
+from .files import (describe_state_dict, list_keys, read_safetensors, read_state_dict, require_exists,
+                    safetensors_metadata, weight_files)
 
 COMFY_PREFIX = "model.diffusion_model."
 _OTHER_PREFIXES = ("diffusion_model.",)
@@ -146,6 +147,28 @@ def _not_newbie(keys, source: str) -> ModelFileError:
                           f"Expected {EXPECTED}.")
 
 
+def _lumina_error(source: str) -> ModelFileError:
+    return ModelFileError(
+        f"{source} looks like a Lumina Image 2.0 style Next-DiT (e.g. Lumina-Image-2.0 / NetaYume): it has no "
+        f"CLIP pooled projection (clip_text_pooled_proj / time_text_embed), so it is not NewBie-image-Exp0.1. "
+        f"Expected {EXPECTED}.")
+
+
+def check_dit_keys(keys, source: str = "state dict") -> None:
+    """Raise ModelFileError (what the file looks like, what was expected) when the key names alone show that
+    a checkpoint is no NewBie DiT. Header-only: called before any tensor is read, so a wrong 6 GB file costs
+    nothing. Files that pass are checked in full by `to_official`."""
+    keys = list(keys)
+    stripped = {k[len(COMFY_PREFIX):] if k.startswith(COMFY_PREFIX) else k for k in keys}
+    stripped |= {k[len(p):] for k in keys for p in _OTHER_PREFIXES if k.startswith(p)}
+    if not any(m in stripped for m in ("x_embedder.weight", "layers.0.attention.qkv.weight", DIFFUSERS_MARKER)):
+        raise _not_newbie(keys, source)
+    has_cap = "cap_embedder.1.weight" in stripped or "time_caption_embed.caption_embedder.1.weight" in stripped
+    clip = ("time_text_embed.", "time_caption_embed.time_text_embed.")
+    if has_cap and not any("clip_text_pooled_proj" in k or k.startswith(clip) for k in stripped):
+        raise _lumina_error(source)
+
+
 def to_official(sd: Mapping[str, torch.Tensor], source: str = "state dict") -> dict[str, torch.Tensor]:
     """Any supported layout → official keys, validated as a NewBie DiT (raises ModelFileError otherwise).
 
@@ -165,10 +188,7 @@ def to_official(sd: Mapping[str, torch.Tensor], source: str = "state dict") -> d
         sd = diffusers_to_official(sd)
     sd = dict(sd)
     if "cap_embedder.1.weight" in sd and not ("clip_text_pooled_proj.1.weight" in sd or "time_text_embed.1.weight" in sd):
-        raise ModelFileError(
-            f"{source} looks like a Lumina Image 2.0 style Next-DiT (e.g. Lumina-Image-2.0 / NetaYume): it has no "
-            f"CLIP pooled projection (clip_text_pooled_proj / time_text_embed), so it is not NewBie-image-Exp0.1. "
-            f"Expected {EXPECTED}.")
+        raise _lumina_error(source)
     missing = [k for k in NEWBIE_REQUIRED if k not in sd]
     if missing:
         if not sd or "x_embedder.weight" not in sd:
@@ -257,8 +277,7 @@ def read_dit_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tens
     From a file holding `model.diffusion_model.*` keys only those tensors are read (all-in-one files).
     """
     path = Path(source)
-    if not path.exists():
-        raise ModelFileError(f"DiT weights not found: {path}. Expected {EXPECTED}.")
+    require_exists(path, "the DiT", f"Expected {EXPECTED}.")
     if path.is_dir() and (path / "transformer").is_dir():
         path = path / "transformer"
     files = weight_files(path)
@@ -267,6 +286,7 @@ def read_dit_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tens
     if len(st) != len(files):
         return read_state_dict(path), {}, name
     keys = list_keys(path)
+    check_dit_keys(keys, name)  # a wrong file is refused from its header, before any tensor is read
     want = [k for k in keys if k.startswith(COMFY_PREFIX)] or None
     sd: dict[str, torch.Tensor] = {}
     for f in st:

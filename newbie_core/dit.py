@@ -23,6 +23,8 @@ from .attention import KeyPrefix, rope_cos_sin, supports_key_prefix
 from .dit_blocks import FinalLayer, JointTransformerBlock, TimestepEmbedder, rms_norm_class
 from .errors import InputError
 from .ops import TorchOps
+from .recovery import cleans_up_on_failure
+from .sampling import nearest_valid_size
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +189,7 @@ class NextDiT(nn.Module):
         for name, n, lim in (("height", height, cfg.axes_lens[1]), ("width", width, cfg.axes_lens[2])):
             px = n * VAE_FACTOR
             if n % p:
-                near = max(step, int(px / step + 0.5) * step)
+                near = nearest_valid_size(px, step)
                 raise InputError(f"Image {name} {px} px (latent {n}) is not a multiple of {step}; "
                                  f"use {near} px.")
             if n // p >= lim:
@@ -295,6 +297,7 @@ class NextDiT(nn.Module):
         return out.to(x.dtype)
 
 
+@cleans_up_on_failure
 def load_dit(source, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu", operations=None,
              attention: Callable | None = None) -> NextDiT:
     """Load the NewBie DiT from a file, a folder or a state dict; eval mode, no grads.

@@ -5,6 +5,7 @@ Nothing here executes code from a file: safetensors is data only, and `.pth` goe
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from pathlib import Path
@@ -17,42 +18,130 @@ from .errors import ModelFileError
 WEIGHT_SUFFIXES = (".safetensors", ".sft", ".pth", ".pt", ".bin", ".ckpt")
 
 
-def _open_safetensors(path: Path):
+def diagnose_weight_file(path: str | os.PathLike) -> str:
+    """Why a weight file cannot be opened, in words: empty, a Git LFS pointer, a web page, truncated, bad header.
+
+    Reads only the first bytes and the safetensors header; used to phrase "damaged file" errors.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(1024)
+    except OSError as e:
+        return f"it cannot be read ({e.strerror or e})"
+    if size == 0:
+        return "it is empty (0 bytes)"
+    if head.startswith(b"version https://git-lfs"):
+        return "it is a Git LFS pointer (a small text file), not the weights: the download skipped the LFS data"
+    if head.lstrip()[:1] == b"<" or head.lstrip()[:9].lower() == b"<!doctype":
+        return "it is a web page (HTML), not weights: the download saved an error or login page"
+    if size < 8:
+        return f"it is truncated ({size} bytes)"
+    n = int.from_bytes(head[:8], "little")
+    if n <= 0 or n > 100 * 1024**2:
+        return "its safetensors header is damaged (impossible header length)"
+    if 8 + n > size:
+        return f"it is truncated inside its header ({size:,} bytes on disk, the header alone needs {8 + n:,})"
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(8)
+            header = json.loads(fh.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except Exception:
+        return "its safetensors header is damaged (not valid JSON)"
+    expected = 8 + n + end
+    if size < expected:
+        return (f"it is truncated: {size:,} of {expected:,} bytes ({100 * size / expected:.0f} %) are on disk, "
+                f"the rest of the tensor data is missing")
+    if size > expected:
+        return f"it has {size - expected:,} unexpected bytes after the tensor data"
+    return _UNREADABLE
+
+
+_UNREADABLE = "safetensors cannot read it"
+
+
+def damaged_file_error(path: str | os.PathLike, detail: str = "") -> "ModelFileError":
+    """ModelFileError for a weight file that exists but cannot be read: what is wrong and to re-download it.
+    `detail` (the reader's own error) is shown only when the file itself looks intact."""
+    why = diagnose_weight_file(path)
+    extra = f" ({detail})" if detail and why == _UNREADABLE else ""
+    return ModelFileError(f"{path} is damaged: {why}{extra}. Re-download it; an interrupted or partial "
+                          f"download is the usual cause. Nothing was loaded from it.")
+
+
+def open_safetensors(path: Path):
+    """A safetensors handle (header read, data memory-mapped); a damaged file raises ModelFileError saying why."""
     from safetensors import safe_open
 
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as e:  # safetensors raises SafetensorError / OSError / ValueError on damage
-        raise ModelFileError(
-            f"{path} is damaged or is not a safetensors file ({e}). Re-download it; "
-            f"a partial download is the usual cause."
-        ) from e
+        raise damaged_file_error(path, str(e)) from e
+
+
+def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    """Up to `n` names from `candidates` that look like `name` (typos, other case, other extension)."""
+    cands = list(dict.fromkeys(str(c) for c in candidates))
+    lower = {c.lower(): c for c in cands}
+    found = [lower[name.lower()]] if name.lower() in lower and lower[name.lower()] != name else []
+    stem = Path(name.rstrip("/")).stem.lower()  # compare stems: a shared ".safetensors" is no likeness
+    by_stem = {Path(c.rstrip("/")).stem.lower(): c for c in cands}
+    found += [by_stem[m] for m in difflib.get_close_matches(stem, list(by_stem), n=n, cutoff=0.6)]
+    return [c for c in dict.fromkeys(found) if c != name][:n]
+
+
+def missing_file_error(name: str, where: str, candidates: Iterable[str], fix: str = "") -> "ModelFileError":
+    """ModelFileError for a model that is not where it was looked for: `where` (the folders searched), up to
+    three close matches from `candidates`, and `fix` (what to do)."""
+    similar = close_matches(name, candidates)
+    hint = f" Close matches: {', '.join(repr(s) for s in similar)}." if similar else ""
+    return ModelFileError(f"'{name}' was not found in {where}.{hint}{(' ' + fix) if fix else ''}")
+
+
+def require_exists(path: str | os.PathLike, what: str, fix: str) -> Path:
+    """`path` as a Path if it exists; else a ModelFileError naming `what`, the folder searched, close matches
+    among its files and `fix`."""
+    path = Path(path)
+    if not path.exists():
+        raise missing_file_error(path.name, f"folder {path.parent} ({what})", _folder_names(path.parent), fix)
+    return path
+
+
+def _folder_names(folder: Path) -> list[str]:
+    try:
+        return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in WEIGHT_SUFFIXES + (".sft",) or p.is_dir())
+    except OSError:
+        return []
 
 
 def read_safetensors(path: str | os.PathLike, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Read tensors (all, or only `keys`) from one safetensors file onto the CPU."""
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError(f"Model file not found: {path}. Check the path, or put the file there.")
-    f = _open_safetensors(path)
+        raise missing_file_error(path.name, f"folder {path.parent}", _folder_names(path.parent),
+                                 "Check the path, or put the file there.")
+    f = open_safetensors(path)
     wanted = list(f.keys()) if keys is None else [k for k in keys if k in f.keys()]
     out = {}
     try:
         for k in wanted:
             out[k] = f.get_tensor(k)
     except Exception as e:
-        raise ModelFileError(f"{path} is damaged (reading tensor {k!r} failed: {e}). Re-download it.") from e
+        out.clear()  # drop what was read: a half-read file must not stay in memory through the traceback
+        raise damaged_file_error(path, f"reading tensor {k!r} failed: {e}") from e
     return out
 
 
 def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The free-form `__metadata__` of a safetensors file ({} when absent)."""
-    return dict(_open_safetensors(Path(path)).metadata() or {})
+    return dict(open_safetensors(Path(path)).metadata() or {})
 
 
 def list_keys(path: str | os.PathLike) -> list[str]:
     """Tensor names in a safetensors file (or in every shard of a folder) without reading any data."""
-    return [k for f in weight_files(path) for k in _open_safetensors(f).keys()]
+    return [k for f in weight_files(path) for k in open_safetensors(f).keys()]
 
 
 def weight_files(path: str | os.PathLike) -> list[Path]:
@@ -61,7 +150,8 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise ModelFileError(f"Model path not found: {path}. Check the path, or put the model there.")
+        raise missing_file_error(path.name, f"folder {path.parent}", _folder_names(path.parent),
+                                 "Check the path, or put the file there.")
     for index_name in ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json"):
         index = path / index_name
         if index.is_file():
@@ -92,16 +182,24 @@ def read_state_dict(path: str | os.PathLike, allow_pickle_free_pth: bool = True)
             try:
                 sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
-                raise ModelFileError(
-                    f"{f} could not be read as a weights-only checkpoint ({e}). Use a .safetensors file; "
-                    f"pickled checkpoints that need code are refused."
-                ) from e
+                raise _refused_pickle(f, e) from e
             if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
                 sd = sd["state_dict"]
             out.update({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
         else:
             raise ModelFileError(f"{f}: unsupported weight file type {f.suffix!r}; expected .safetensors.")
     return out
+
+
+def _refused_pickle(path: Path, exc: Exception) -> ModelFileError:
+    """The error for a `.pth/.ckpt/...` that `torch.load(weights_only=True)` refused or could not read."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        what = next((ln.strip() for ln in text.splitlines() if "WeightsUnpickler error" in ln), "code in the pickle")
+        return ModelFileError(f"{path} is a pickle checkpoint that needs code to load ({what}). It was refused and "
+                              f"nothing in it was run: model files are read as data only. Use a .safetensors file.")
+    return ModelFileError(f"{path} is damaged: it cannot be read as a weights-only checkpoint ({text.splitlines()[0]}). "
+                          f"Re-download it, or use a .safetensors file.")
 
 
 def strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -111,22 +209,31 @@ def strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
 
 
 def describe_state_dict(keys: Iterable[str]) -> str:
-    """A short guess at what a checkpoint is, for "this is not the model you think" errors."""
+    """A short guess at what a checkpoint is, from its key names only (for "this is not the model you think" errors).
+
+    Knows NewBie / Lumina-2 DiTs, FLUX and SD3 transformers (original and diffusers layouts), SD/SDXL UNets,
+    VAEs, Gemma 3 / other LLMs, T5, CLIP and Jina text encoders, and LoRA files.
+    """
     keys = list(keys)
     ks = set(keys)
-    def has(sub: str) -> bool:
-        return any(sub in k for k in keys)
+
+    def has(*subs: str) -> bool:
+        return any(sub in k for k in keys for sub in subs)
+    if has(".lora_A.", ".lora_B.", "lora_up.", "lora_down.", "lora_unet_", "lora_te_"):
+        return "a LoRA (low-rank adapter weights, not a full model)"
     if has("cap_embedder.1.weight") and has("clip_text_pooled_proj"):
         return "a NewBie-image DiT"
     if has("cap_embedder.1.weight") or has("time_caption_embed.caption_embedder"):
         return "a Lumina-2 style Next-DiT without NewBie's CLIP projection (Lumina Image 2.0 / NetaYume?)"
     if has("double_blocks.") and has("single_blocks."):
         return "a FLUX transformer"
+    if has("single_transformer_blocks."):
+        return "a FLUX transformer (diffusers layout)"
     if has("input_blocks.") and has("label_emb"):
         return "an SDXL UNet checkpoint"
-    if has("input_blocks.") or has("model.diffusion_model.input_blocks"):
+    if has("input_blocks.") or has("down_blocks.0.attentions.0.transformer_blocks"):
         return "a Stable Diffusion UNet checkpoint"
-    if has("joint_blocks."):
+    if has("joint_blocks.") or (has("transformer_blocks.") and has("pos_embed.") and has("context_embedder")):
         return "an SD3 transformer"
     if has("decoder.up.") or has("decoder.up_blocks.") or has("encoder.down."):
         return "a VAE"
@@ -134,8 +241,12 @@ def describe_state_dict(keys: Iterable[str]) -> str:
         return "a Gemma-3 text model"
     if has("mixer.Wqkv") or has("emb_ln"):
         return "a Jina CLIP / XLM-RoBERTa text model"
+    if has("SelfAttention.q.weight") or has("encoder.block.0.layer.0"):
+        return "a T5 text encoder"
     if has("text_model.encoder.layers") or has("transformer.resblocks"):
         return "a CLIP text encoder"
+    if has("self_attn.q_proj"):
+        return "a Llama/Qwen-style language model (not Gemma 3)"
     if "spiece_model" in ks:
         return "a text encoder with an embedded tokenizer"
     return f"an unrecognised checkpoint ({len(keys)} tensors, e.g. {', '.join(sorted(keys)[:3])})"

@@ -7,23 +7,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .files import weight_files
+from .files import open_safetensors, weight_files
 from .model_paths import ModelPaths
 
 
 def file_dtype(path: str | Path) -> torch.dtype:
     """The dtype of the first floating tensor stored at `path` (file or folder), read from the header only."""
-    from safetensors import safe_open
-
+    table = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
     for f in weight_files(path):
         if f.suffix not in (".safetensors", ".sft"):
             continue
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
-            for k in sf.keys():
-                dt = sf.get_slice(k).get_dtype()
-                table = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-                if dt in table:
-                    return table[dt]
+        sf = open_safetensors(f)  # a damaged file: ModelFileError naming it, not a raw SafetensorError
+        for k in sf.keys():
+            dt = sf.get_slice(k).get_dtype()
+            if dt in table:
+                return table[dt]
     return torch.bfloat16
 
 

@@ -195,8 +195,9 @@ class StagedModel:
         self.device, self.precision, self._key = device, precision, key
         return self.module
 
-    def release(self) -> None:
-        """Point every tensor back at the pristine CPU copy, dropping the device copy, and clear caches."""
+    def release(self, clear_cache: bool = True) -> None:
+        """Point every tensor back at the pristine CPU copy, dropping the device copy, and clear caches
+        (`clear_cache=False`: leave the freed blocks cached, e.g. for the next model of the same stage)."""
         if self.streamer is not None:
             self.streamer.detach()
             self.streamer = None
@@ -204,7 +205,7 @@ class StagedModel:
         self._point_at_pristine()
         set_linear_storage(self.module, False)
         self.device, self.precision = torch.device("cpu"), None
-        if old_device.type != "cpu":
+        if clear_cache and old_device.type != "cpu":
             empty_device_cache(old_device, collect=False)  # every device copy was just unreferenced
 
     def nbytes(self, on_device_only: bool = False) -> int:
@@ -318,6 +319,11 @@ class EmbeddingCache:
         self._items.move_to_end(key)
         while len(self._items) > self.max_entries:
             self._items.popitem(last=False)
+
+    def nbytes(self) -> int:
+        """RAM held by the cached tensors (every tensor attribute of each entry)."""
+        tensors = (t for v in self._items.values() for t in getattr(v, "__dict__", {}).values())
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
     def clear(self) -> None:
         """Drop every entry."""

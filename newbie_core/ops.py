@@ -49,11 +49,17 @@ class LayerNorm(nn.LayerNorm):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm as in the official code: `(x·rsqrt(mean(x²)+eps))` in fp32, cast back, then × weight.
+    """RMSNorm: `x·rsqrt(mean(x²)+eps) × weight`, the mean computed in fp32.
 
-    The weight is cast to the input's dtype and device at call time (it may be stored in fp8 or live on
-    another device). Signature matches `comfy.ops.*.RMSNorm` / `torch.nn.RMSNorm`.
+    For 16-bit inputs `fused` (default) uses one `F.rms_norm` kernel: fp32 inside, one rounding at the end
+    (eager DiT steps ≈ 20 % faster: six norms per block). `fused = False` is the official code's exact
+    sequence — normalise in fp32, round to the input dtype, then × weight (two roundings) — used by the
+    benchmark's naive baseline; in fp32 both agree to float rounding. The weight is cast to the input's
+    dtype and device at call time (it may be stored in fp8 or live on another device). Signature matches
+    `comfy.ops.*.RMSNorm` / `torch.nn.RMSNorm`.
     """
+
+    fused = True
 
     def __init__(self, normalized_shape: int, eps: float | None = 1e-6, elementwise_affine: bool = True,
                  device=None, dtype=None) -> None:
@@ -67,6 +73,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise the last dimension of `x` (computed in fp32) and scale by the weight."""
+        if self.fused and x.dtype in (torch.bfloat16, torch.float16) and hasattr(F, "rms_norm"):
+            w = None if self.weight is None else _cast(self.weight, x)
+            return F.rms_norm(x, self.normalized_shape, w, self.eps)
         xf = x.float()
         out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
         if self.weight is None:
@@ -76,6 +85,14 @@ class RMSNorm(nn.Module):
     def extra_repr(self) -> str:
         """Shape and eps for `print(module)`."""
         return f"{self.normalized_shape}, eps={self.eps}"
+
+
+def set_fused_norms(module: nn.Module, on: bool) -> int:
+    """Switch every `RMSNorm` of `module` between the fused kernel and the official two-rounding sequence."""
+    norms = [m for m in module.modules() if isinstance(m, RMSNorm)]
+    for m in norms:
+        m.fused = bool(on)
+    return len(norms)
 
 
 class TorchOps:

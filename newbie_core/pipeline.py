@@ -17,19 +17,27 @@ from typing import Callable
 
 import torch
 
-from .errors import StageOutOfMemoryError
+from .errors import ModelFileError
+from .fp8 import enable_fp8_matmul, fp8_matmul_supported
 from .memory import EmbeddingCache, Ledger, StagedModel, default_device, empty_device_cache, file_identity, is_out_of_memory
 from .model_paths import ModelPaths
-from .fp8 import enable_fp8_matmul, fp8_matmul_supported
 from .precision import Precision, check_finite, parse_precision
+from .recovery import out_of_memory_error, release_failure
 from .sampling import GuidedVelocity, make_noise, sample, validate_size
 from .text.encode import PromptEmbeddings, concat_embeddings, encode_cached
 from .text.prompts import SYSTEM_PROMPTS
 from .vae import LATENT_CHANNELS, VAE_SCALE_FACTOR
 
 log = logging.getLogger(__name__)
-LOW_VRAM_HINT = ("Lower-memory options: fp8_e4m3fn DiT precision (--precision dit=fp8_e4m3fn), a smaller image, "
-                 "batch 1, or the low-VRAM mode (--lowvram); inside ComfyUI start it with --lowvram.")
+STAGE_NAMES = {"text": "text encoding", "dit": "DiT sampling", "vae": "VAE decode"}  # as the nodes name them
+# What the user can change when a stage runs out of memory (command line / Python API spelling).
+LOW_VRAM_HINTS = {
+    "text": "Lower-memory options: fp8_e4m3fn text precision (--precision text=fp8_e4m3fn), the low-VRAM mode "
+            "(--lowvram: streams the encoder's layers, under 2 GiB), or a shorter prompt.",
+    "dit": "Lower-memory options: fp8_e4m3fn DiT precision (--precision dit=fp8_e4m3fn, under 4 GiB), the low-VRAM "
+           "mode (--lowvram: streams DiT blocks, under 2 GiB at 1024²), a smaller image, or batch 1.",
+    "vae": "Lower-memory options: tiled decoding (--tiled-decode, also part of --lowvram), or a smaller image.",
+}
 
 
 @dataclass
@@ -70,8 +78,9 @@ def guided_velocity(forward: Callable, dit, cond: PromptEmbeddings, uncond: Prom
     `device` in `dtype` and given their DiT layouts (`dit.prepare`, one host sync) once per generation.
 
     `forward(x, t, cap_feats, cap_mask, pooled, layout=...)` is the DiT's official forward (or a compiled one);
-    `height`/`width` are latent sizes.
+    `height`/`width` are latent sizes. Raises ModelFileError when the embeddings do not fit the DiT.
     """
+    check_conditioning(dit.config, cond, uncond)
     batches = {}
     for guided, items in ((False, [cond] * batch), (True, [cond] * batch + [uncond] * batch)):
         emb = concat_embeddings(items)
@@ -84,6 +93,25 @@ def guided_velocity(forward: Callable, dit, cond: PromptEmbeddings, uncond: Prom
         return forward(x.to(device, dtype), t.to(device), feats, mask, pooled, layout=layout).float()
 
     return GuidedVelocity(model_call, cfg, cfg_trunc, renorm)
+
+
+def check_conditioning(config, *embeddings: PromptEmbeddings) -> None:
+    """Raise ModelFileError when prompt embeddings do not fit a DiT `config`: the caption features must be
+    `cap_feat_dim` wide (Gemma's hidden size) and the pooled vector `clip_text_dim` wide (Jina's)."""
+    for e in embeddings:
+        width = int(e.cap_feats.shape[-1])
+        if width != config.cap_feat_dim:
+            raise ModelFileError(
+                f"The prompt features are {width} wide, but this DiT expects {config.cap_feat_dim} (its caption "
+                f"width = the hidden size of the Gemma it was trained with; NewBie-Image-Exp0.1: Gemma3-4B-it, 2560). "
+                f"The text encoders do not belong to this DiT: load gemma_3_4b_it_bf16.safetensors (or NewBie's "
+                f"text_encoder/ folder) in the text encoder loader.")
+        pooled = None if e.pooled is None else int(e.pooled.shape[-1])
+        if pooled is not None and pooled != config.clip_text_dim:
+            raise ModelFileError(
+                f"The pooled text vector is {pooled} wide, but this DiT expects {config.clip_text_dim} (Jina CLIP v2: "
+                f"1024). The second text encoder does not belong to this DiT: load jina_clip_v2_bf16.safetensors "
+                f"(or NewBie's clip_model/ folder).")
 
 
 class Pipeline:
@@ -151,9 +179,9 @@ class Pipeline:
             self._compiled[id(dit)] = torch.compile(dit, fullgraph=True, dynamic=False)
         return self._compiled[id(dit)]
 
-    def _done_with(self, role: str) -> None:
+    def _done_with(self, role: str, clear_cache: bool = True) -> None:
         if not self.keep_loaded and role in self._models:
-            self._models[role].release()
+            self._models[role].release(clear_cache=clear_cache)
 
     def release_all(self) -> None:
         """Move every model back to its CPU copy and clear the device cache."""
@@ -175,10 +203,13 @@ class Pipeline:
 
     # ---------------------------------------------------------------- stages
     @contextmanager
-    def _on_device(self, role: str):
-        """The role's wrapper with its weights on the device; released afterwards unless keep_loaded."""
-        yield self._acquire(role)
-        self._done_with(role)
+    def _on_device(self, role: str, clear_cache: bool = True):
+        """The role's wrapper with its weights on the device; released afterwards (also on failure) unless
+        keep_loaded. `clear_cache=False` skips emptying the device cache (the next model reuses the blocks)."""
+        try:
+            yield self._acquire(role)
+        finally:
+            self._done_with(role, clear_cache)
 
     def encode(self, prompts: list[str], system_prompt: str = SYSTEM_PROMPTS["xml"]) -> list[PromptEmbeddings]:
         """Encode prompts (each batch 1, on the CPU), through the embedding cache; the text stage."""
@@ -186,7 +217,8 @@ class Pipeline:
                     self.precision_names["text"])
         try:
             embs, encoded = encode_cached(prompts, system_prompt, self.cache, identity,
-                                          lambda: self._on_device("gemma"), lambda: self._on_device("jina"),
+                                          lambda: self._on_device("gemma", clear_cache=False),  # Jina reuses it
+                                          lambda: self._on_device("jina"),  # one cache clear per text stage
                                           precision=self.precision("gemma"),
                                           around=lambda: self.ledger.stage("text", self.device))
         except BaseException as e:
@@ -202,23 +234,26 @@ class Pipeline:
         b = settings.batch
         noise = latents if latents is not None else make_noise(
             settings.seed, b, settings.height // VAE_SCALE_FACTOR, settings.width // VAE_SCALE_FACTOR, LATENT_CHANNELS)
-        velocity = None
         with self.ledger.stage("dit", self.device) as rec:
             try:
-                dit = self._acquire("dit")
-                velocity = guided_velocity(self._dit_forward(dit), dit, cond, uncond, b, self.device, self.precision("dit").compute,
-                                           noise.shape[-2], noise.shape[-1], settings.cfg, settings.cfg_trunc,
-                                           settings.renorm)
-                x = sample(velocity, noise.to(self.device), settings.steps, settings.solver, settings.shift, callback)
-                check_finite(x, "DiT sampling", self.precision("dit"))
-                x = x.float().cpu()
+                x = self._sample_on_device(cond, uncond, settings, noise, callback)
             except BaseException as e:
                 self._fail("dit", e)
             finally:
-                velocity = None  # drop the device copies of the embeddings before releasing
                 self._done_with("dit")
             rec.notes.append(f"{settings.steps} steps {settings.solver}, cfg {settings.cfg}")
         return x
+
+    def _sample_on_device(self, cond, uncond, settings: GenerationSettings, noise: torch.Tensor,
+                          callback: Callable | None) -> torch.Tensor:
+        # Its own frame: on failure every device tensor of the run (embedding copies, latents) is a local here,
+        # and `_fail` frees them all (recovery.release_failure) before the error leaves the pipeline.
+        dit = self._acquire("dit")
+        velocity = guided_velocity(self._dit_forward(dit), dit, cond, uncond, settings.batch, self.device, self.precision("dit").compute,
+                                   noise.shape[-2], noise.shape[-1], settings.cfg, settings.cfg_trunc, settings.renorm)
+        x = sample(velocity, noise.to(self.device), settings.steps, settings.solver, settings.shift, callback)
+        check_finite(x, "DiT sampling", self.precision("dit"))
+        return x.float().cpu()
 
     def decode(self, latents: torch.Tensor, tiled: bool = False) -> tuple[torch.Tensor, list[str]]:
         """Decode scaled latents to images [B,3,H,W] in [0,1] (fp32, CPU); the VAE stage. Returns notes too."""
@@ -243,12 +278,13 @@ class Pipeline:
         return images, notes
 
     def _fail(self, stage: str, exc: BaseException):
-        """Release everything a failed stage held; turn OOM into an explanatory error; re-raise."""
-        self.release_all()
+        """Release everything a failed stage held (models, its frames' tensors, the device cache); turn OOM
+        into an error that lists the lower-memory options; re-raise. The pipeline stays usable."""
+        for m in self._models.values():
+            m.release(clear_cache=False)
+        release_failure(exc, self.device)
         if is_out_of_memory(exc):
-            raise StageOutOfMemoryError(
-                f"Out of memory in the {stage} stage on {self.device}; all models were released. {LOW_VRAM_HINT}"
-            ) from exc
+            raise out_of_memory_error(STAGE_NAMES[stage], self.device, LOW_VRAM_HINTS[stage]) from exc
         raise exc
 
     def generate(self, prompt: str, negative: str = "", settings: GenerationSettings | None = None,

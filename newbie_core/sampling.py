@@ -259,10 +259,21 @@ def sample(
     return _sample_fixed_grid(velocity_fn, x, steps, float(shift), solver == "midpoint", callback)
 
 
+SIZE_MULTIPLE = 16  # pixels: VAE factor 8 × DiT patch 2
+
+
+def nearest_valid_size(px: float, multiple: int = SIZE_MULTIPLE) -> int:
+    """The multiple of `multiple` nearest to `px`, at least `multiple`. The one rounding rule of every size
+    message: a tie goes to the SMALLER size (1000 → 992, 72 → 64), which needs less memory and can never pass
+    the model's position table."""
+    lo = math.floor(float(px) / multiple) * multiple
+    hi = lo + multiple
+    return int(max(multiple, hi if float(px) - lo > hi - float(px) else lo))
+
+
 def validate_size(width: int, height: int) -> tuple[int, int]:
     """Check an image size (pixels): both > 0 and multiples of 16; raise InputError naming the nearest valid size."""
-    def nearest(v) -> int:
-        return max(16, int(round(float(v) / 16.0)) * 16)
+    nearest = nearest_valid_size
 
     bad = [f"{name} {v}" for name, v in (("width", width), ("height", height))
            if isinstance(v, bool) or not float(v).is_integer() or v <= 0 or int(v) % 16]

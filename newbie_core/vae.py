@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from .errors import InputError, ModelFileError
-from .files import describe_state_dict, list_keys, read_safetensors, read_state_dict, safetensors_metadata
+from .files import describe_state_dict, list_keys, read_safetensors, read_state_dict, require_exists, safetensors_metadata
 from .memory import empty_device_cache, is_out_of_memory
+from .recovery import cleans_up_on_failure
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ def _load_single_file(path: Path, dtype, device):
     return _build(path, config, converted, dtype, device)
 
 
+@cleans_up_on_failure
 def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
              tile_size: int = 64, tile_overlap: int = 16) -> "FluxVAE":
     """Load the FLUX VAE from a diffusers folder (`vae/` or its repo root) or a BFL-layout single file.
@@ -216,7 +218,7 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device
         raise ModelFileError(f"{path} is a folder without a VAE (no config.json, vae/ subfolder or ae.safetensors). "
                              f"Expected {EXPECTED}.")
     if not path.is_file():
-        raise ModelFileError(f"VAE file not found: {path}. Expected {EXPECTED}.")
+        require_exists(path, "the VAE", f"Expected {EXPECTED}.")
     return FluxVAE(_load_single_file(path, dtype, device), tile_size, tile_overlap)
 
 

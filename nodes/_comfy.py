@@ -24,9 +24,10 @@ import latent_preview
 
 from ..newbie_core import checkpoints
 from ..newbie_core.dit import NextDiT
-from ..newbie_core.errors import ModelFileError
-from ..newbie_core.memory import empty_device_cache
+from ..newbie_core.files import missing_file_error
+from ..newbie_core.memory import empty_device_cache, is_out_of_memory
 from ..newbie_core.precision import Precision
+from ..newbie_core.recovery import cleans_up_on_failure, out_of_memory_error, release_failure
 
 log = logging.getLogger("newbie")
 DEVICE_CHOICES = ["default", "cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -58,8 +59,9 @@ def resolve_model(folder_key: str, name: str, expected: str) -> Path:
         if path is not None:
             return Path(path)
     searched = ", ".join(folder_paths.get_folder_paths(folder_key))
-    raise ModelFileError(f"'{name}' was not found in the ComfyUI '{folder_key}' folder(s) ({searched}). "
-                         f"Put {expected} there, then refresh (R) and pick it.")
+    candidates = [c for c in model_choices(folder_key, want_folders=True) if c != "(no files found)"]
+    raise missing_file_error(name, f"the ComfyUI '{folder_key}' folder(s) ({searched})", candidates,
+                             f"Put {expected} there, then refresh (R) and pick it.")
 
 
 def device_for(choice: str, default: torch.device) -> torch.device:
@@ -150,6 +152,7 @@ def resolve_attention(name: str):
     return partial(attention, backend=name)
 
 
+@cleans_up_on_failure
 def load_dit_patcher(path: Path, precision: Precision, attention: str, device: str = "default"):
     """Load the DiT as a ComfyUI MODEL: comfy.ops operations (fp8 storage, low-VRAM streaming), ModelPatcher."""
     sd, metadata, name = checkpoints.read_dit_state_dict(path)
@@ -223,14 +226,21 @@ def load_to_device(patchers: list, memory_required: int = 0, full: bool = False)
     mm.load_models_gpu(patchers, memory_required=memory_required, force_full_load=full)
 
 
-def unload(patcher) -> None:
-    """Move one model back to its offload device through ComfyUI's memory manager."""
+def unload(patcher, clear_cache: bool = True) -> None:
+    """Move one model back to its offload device through ComfyUI's memory manager; then empty the device cache
+    unless `clear_cache` is False (the next model of the same node reuses the freed blocks)."""
     for i, loaded in enumerate(list(mm.current_loaded_models)):
         if loaded.model is patcher:
             loaded.model_unload()
             mm.current_loaded_models.remove(loaded)
             break
-    empty_device_cache(patcher.load_device)
+    if clear_cache:
+        empty_device_cache(patcher.load_device)
+
+
+def clear_device_cache(device) -> None:
+    """Collect garbage and return the cached blocks of `device` (once, after a node unloaded its models)."""
+    empty_device_cache(device)
 
 
 def intermediate_device() -> torch.device:
@@ -261,6 +271,32 @@ def progress_bar(total: int):
 
 
 # ------------------------------------------------------------------------------------------- memory
+# What a ComfyUI user can change when a stage runs out of memory.
+LOW_VRAM_HINTS = {
+    "text encoding": "Lower-memory options: NewBie Text Encoder Loader precision fp8_e4m3fn, a shorter prompt, "
+                     "or start ComfyUI with --lowvram.",
+    "DiT sampling": "Lower-memory options: NewBie DiT Loader precision fp8_e4m3fn (half the memory), a smaller "
+                    "width/height or batch_size 1, a NewBie Memory Purge before the sampler, or start ComfyUI "
+                    "with --lowvram (streams the DiT's weights).",
+    "VAE decode": "Lower-memory options: tiled on in NewBie VAE Decode (a full decode already retries in tiles "
+                  "down to 128 px), a smaller image, a NewBie Memory Purge before the decode, or start ComfyUI "
+                  "with --lowvram.",
+}
+
+
+def fail_cleanly(exc: BaseException, stage: str, device) -> None:
+    """Called by a node whose stage failed (any exception, cancel included): free what the failure still holds;
+    after an out-of-memory also unload every model through ComfyUI, then raise the StageOutOfMemoryError that
+    lists the lower-memory options. Otherwise returns and the caller re-raises `exc` unchanged."""
+    oom = is_out_of_memory(exc)
+    if oom:
+        mm.unload_all_models()
+    release_failure(exc, device)
+    if oom:
+        mm.soft_empty_cache(True)
+        raise out_of_memory_error(stage, device, LOW_VRAM_HINTS[stage]) from exc
+
+
 def purge_all() -> None:
     """Unload every model through ComfyUI, collect garbage, then empty the device caches (that order)."""
     mm.unload_all_models()

@@ -6,6 +6,7 @@ import json
 from comfy_api.latest import io, ui
 
 from . import _comfy
+from .text_encode import EMBEDDING_CACHE
 
 
 def _fmt(snap: dict) -> str:
@@ -24,7 +25,9 @@ class NewBieMemoryPurge(io.ComfyNode):
             node_id="NewBieMemoryPurge", display_name="NewBie Memory Purge", category="NewBie/utils",
             description="Always runs. Unloads every model through ComfyUI's model management, then collects "
                         "garbage and empties the device cache (in that order), and reports memory before → after "
-                        "plus every model this pack holds (device, dtype, size).",
+                        "plus every model this pack holds (device, dtype, size). The prompt-embedding cache (RAM "
+                        "only, at most 128 prompts) is kept, so the next run skips the text encoders; its size is "
+                        "in the report.",
             inputs=[io.AnyType.Input("anything", optional=True,
                                      tooltip="Any value; passed through unchanged. Wire it between stages to "
                                              "purge after one finishes.")],
@@ -43,9 +46,13 @@ class NewBieMemoryPurge(io.ComfyNode):
         _comfy.purge_all()
         after = _comfy.memory_snapshot()
         models = _comfy.pack_models()
+        cache = {"entries": len(EMBEDDING_CACHE), "mib": round(EMBEDDING_CACHE.nbytes() / 2**20, 2),
+                 "max_entries": EMBEDDING_CACHE.max_entries}
         lines = [f"before: {_fmt(before)}", f"after:  {_fmt(after)}", "models held by NewBie nodes:"]
         lines += [f"  {m['model']}: {', '.join(m['dtypes'])} on {', '.join(m['devices'])}, {m['size_mib']} MiB"
                   + (" (loaded)" if m["loaded_by_comfyui"] else "") for m in models] or ["  (none)"]
+        lines.append(f"prompt-embedding cache (kept, RAM only): {cache['entries']} of {cache['max_entries']} "
+                     f"prompts, {cache['mib']} MiB")
         text = "\n".join(lines)
-        report = json.dumps({"before": before, "after": after, "models": models})
+        report = json.dumps({"before": before, "after": after, "models": models, "embedding_cache": cache})
         return io.NodeOutput(anything, report, ui=ui.PreviewText(text))

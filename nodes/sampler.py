@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..newbie_core.errors import InputError
 from ..newbie_core.precision import check_finite
-from ..newbie_core.pipeline import guided_velocity
+from ..newbie_core.pipeline import check_conditioning, guided_velocity
 from ..newbie_core.sampling import SOLVERS, make_noise, sample, validate_size
 from ..newbie_core.vae import LATENT_CHANNELS, VAE_SCALE_FACTOR, unscale_latents
 from . import _comfy
@@ -62,23 +62,39 @@ class NewBieDiTSampler(io.ComfyNode):
         validate_size(width, height)
         cond, uncond = from_conditioning(positive, "positive"), from_conditioning(negative, "negative")
         b, h, w = batch_size, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR
-        noise = make_noise(seed, b, h, w, LATENT_CHANNELS)
 
         dm = getattr(model.model, "diffusion_model", None)
         if not isinstance(dm, _comfy.ComfyNewBieDiT):
             raise InputError("This MODEL is not a NewBie DiT: load NewBie-Image-Exp0.1 with NewBie DiT Loader "
                              "and connect that to the sampler.")
         dm.check_size(h, w)
-        _comfy.load_to_device([model], memory_required=activation_bytes(dm, b, h, w, cond, uncond))
-        device, compute = model.load_device, dm.compute_dtype or torch.bfloat16
-        forward = compiled_velocity(dm) if model.model_options.get("newbie_compile") else dm.velocity
-        guided = guided_velocity(forward, dm, cond, uncond, b, device, compute, h, w, cfg, cfg_trunc, renorm)
-        intervals = steps if solver == "dpmpp_2m" else steps - 1
-        on_step = _comfy.sampler_progress(model, intervals)
-        x = sample(guided, noise.to(device), steps, solver, shift, callback=on_step)
-        check_finite(x, "DiT sampling", model.model_options.get("newbie_precision"))
-        samples = unscale_latents(x.float()).to(_comfy.intermediate_device())
+        check_conditioning(dm.config, cond, uncond)  # text encoders of another width: say so before loading
+        try:
+            samples = run_sampler(model, dm, cond, uncond, (seed, b, h, w), steps, cfg, shift, solver, cfg_trunc,
+                                  renorm)
+        except BaseException as e:  # OOM, cancel, NaN: free everything the run holds; OOM → unload + hint
+            _comfy.fail_cleanly(e, "DiT sampling", model.load_device)
+            raise
         return io.NodeOutput({"samples": samples})
+
+
+def run_sampler(model, dm, cond, uncond, shape, steps, cfg, shift, solver, cfg_trunc, renorm) -> torch.Tensor:
+    """Seeded noise of `shape` (seed, batch, latent h, latent w) → load the DiT through ComfyUI, sample, check for
+    NaN/inf; unscaled latents on the intermediate device.
+
+    Its own frame on purpose: when it fails, every tensor of the run is one of its locals, which the caller's
+    clean-up frees at once (newbie_core.recovery)."""
+    seed, b, h, w = shape
+    noise = make_noise(seed, b, h, w, LATENT_CHANNELS)
+    _comfy.load_to_device([model], memory_required=activation_bytes(dm, b, h, w, cond, uncond))
+    device, compute = model.load_device, dm.compute_dtype or torch.bfloat16
+    forward = compiled_velocity(dm) if model.model_options.get("newbie_compile") else dm.velocity
+    guided = guided_velocity(forward, dm, cond, uncond, b, device, compute, h, w, cfg, cfg_trunc, renorm)
+    intervals = steps if solver == "dpmpp_2m" else steps - 1
+    on_step = _comfy.sampler_progress(model, intervals)
+    x = sample(guided, noise.to(device), steps, solver, shift, callback=on_step)
+    check_finite(x, "DiT sampling", model.model_options.get("newbie_precision"))
+    return unscale_latents(x.float()).to(_comfy.intermediate_device())
 
 
 def activation_bytes(dm, b: int, h: int, w: int, cond, uncond) -> int:

@@ -1,7 +1,7 @@
 """The benchmark sequence: DiT step variants, then whole generations per mode, extra points, VRAM growth.
 
 Modes (spec of the performance issue): naive (everything resident in bf16, eager, one masked SDPA call over
-the padded CFG batch) is the in-run baseline; staged bf16 (the default); fp8 weights (DiT + Gemma, scaled fp8 matmuls where the GPU has them);
+the padded CFG batch, the official RMSNorm sequence: the reference code's arithmetic) is the in-run baseline; staged bf16 (the default); fp8 weights (DiT + Gemma, scaled fp8 matmuls where the GPU has them);
 low-VRAM (streamed blocks, tiled decode); compile (staged bf16 with the DiT compiled).
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 
 from ..fp8 import enable_fp8_matmul, fp8_matmul_supported
 from ..memory import GiB
+from ..ops import set_fused_norms
 from ..pipeline import GenerationSettings, Pipeline
 from ..precision import parse_precision
 from .measure import dit_inputs, dit_step, parity, purge, run_generation
@@ -47,14 +48,16 @@ def dit_steps(staged: dict, device: torch.device, quick: bool, budgets_gib: list
     rec: dict = {}
     bf16, fp8 = parse_precision("bf16", "dit"), parse_precision("fp8_e4m3fn", "dit")
     dit.acquire(device, bf16)
-    dit_w.packed_attention = False  # naive: one masked SDPA call over the padded CFG batch
+    dit_w.packed_attention = False  # naive: one masked SDPA call over the padded CFG batch,
+    set_fused_norms(dit_w, False)   # and the official RMSNorm sequence
     plain = dit_inputs(dit_w, device, latent_hw=hw, cap_len=cap, uncond_len=min(40, cap // 2))
     ref = _step(rec, "naive_eager_bf16", dit_w, plain, device)["out"]
     dit.release()
     dit.acquire(device, parse_precision("fp32", "dit"))
     args32 = tuple(a.float() if a.is_floating_point() else a for a in plain[0])
     ref32 = _step(rec, "eager_fp32_reference", dit_w, (args32, plain[1]), device, runs=1)["out"]
-    dit_w.packed_attention = True  # ours: real tokens packed first, unmasked kernels
+    dit_w.packed_attention = True  # ours: real tokens packed first, unmasked kernels, fused norms
+    set_fused_norms(dit_w, True)
     bf16_err = parity(ref, ref32)["rel_l2_diff"]
     rec["naive_eager_bf16"].update(parity(ref, ref32))
     tol = max(2 * bf16_err, MIN_BF16_TOL)
@@ -114,13 +117,15 @@ def generations(staged: dict, device: torch.device, settings: GenerationSettings
     saved = {r: m.cpu_only for r, (_, m) in staged.items()}
     for _, m in staged.values():
         m.cpu_only = ()
-    staged["dit"][0].packed_attention = False  # plain masked SDPA
+    staged["dit"][0].packed_attention = False  # plain masked SDPA, official norm sequence
+    set_fused_norms(staged["dit"][0], False)
     pipe = new_pipeline(staged, device, keep_loaded=True, precision={"vae": "bf16"})
     for role in staged:
         pipe._acquire(role)
     naive = run_generation(pipe, settings, PROMPT)
     purge(pipe)
     staged["dit"][0].packed_attention = True
+    set_fused_norms(staged["dit"][0], True)
     for r, (_, m) in staged.items():
         m.cpu_only = saved[r]
     ref = naive.pop("latents")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..precision import check_finite
-from .prompts import gemma_text
+from .prompts import capture_truncation_warnings, gemma_text
 
 
 @dataclass
@@ -24,8 +24,9 @@ class PromptEmbeddings:
     """DiT text conditioning for a batch of prompts.
 
     cap_feats [B, L, D] (Gemma hidden_states[-2]), cap_mask [B, L] int64 (1 = real token, right padded),
-    pooled [B, Dclip] (Jina mean pool; None when encoded without Jina), and per-prompt token counts
-    (special tokens included, after truncation).
+    pooled [B, Dclip] (Jina mean pool; None when encoded without Jina), per-prompt token counts
+    (special tokens included, after truncation), and `notes`: warnings for the user (e.g. where a too long
+    prompt was cut), kept with cached embeddings so they are shown every time.
     """
 
     cap_feats: torch.Tensor
@@ -33,6 +34,7 @@ class PromptEmbeddings:
     pooled: torch.Tensor | None
     gemma_token_counts: tuple[int, ...] = ()
     jina_token_counts: tuple[int, ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def batch_size(self) -> int:
@@ -128,14 +130,24 @@ def encode_cached(prompts: list[str], system_prompt: str, cache, identity: tuple
     out: list[PromptEmbeddings | None] = [cache.get(k) for k in keys]
     todo = [i for i, e in enumerate(out) if e is None]
     if todo:
+        notes: dict[int, list[str]] = {i: [] for i in todo}
         with around():
             with gemma_session() as gemma:
-                feats = [gemma.encode([gemma_text(prompts[i], system_prompt)]) for i in todo]
+                feats = []
+                for i in todo:
+                    with capture_truncation_warnings() as warned:
+                        feats.append(gemma.encode([gemma_text(prompts[i], system_prompt)]))
+                    notes[i] += warned
             with jina_session() as jina:
-                pooled = [jina.encode([prompts[i]]) for i in todo]
+                pooled = []
+                for i in todo:
+                    with capture_truncation_warnings() as warned:
+                        pooled.append(jina.encode([prompts[i]]))
+                    notes[i] += warned
             for i, (f, m), p in zip(todo, feats, pooled):
                 emb = PromptEmbeddings(cap_feats=check_finite(f, "text (Gemma)", precision).float().cpu(),
-                                       cap_mask=m.cpu(), pooled=check_finite(p, "text (Jina)", precision).float().cpu())
+                                       cap_mask=m.cpu(), pooled=check_finite(p, "text (Jina)", precision).float().cpu(),
+                                       notes=tuple(notes[i]))
                 cache.put(keys[i], emb)
                 out[i] = emb
     return out, len(todo)  # type: ignore[return-value]

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelFileError
-from ..files import describe_state_dict, list_keys, read_safetensors, weight_files
+from ..files import describe_state_dict, list_keys, read_safetensors, require_exists, weight_files
 from .prompts import GEMMA_SPEC, TextTokenizer, tokenize_batch
+from ..recovery import cleans_up_on_failure
 
 logger = logging.getLogger(__name__)
 
@@ -187,9 +188,8 @@ def _find_tokenizer(path: Path, spiece: torch.Tensor | None) -> TextTokenizer:
 
 
 def _resolve(path: Path) -> Path:
-    if not path.exists():
-        raise ModelFileError(f"Gemma text encoder not found: {path}. Check the path, or download "
-                             f"gemma_3_4b_it_bf16.safetensors into ComfyUI/models/text_encoders/.")
+    require_exists(path, "the Gemma text encoder", "Check the path, or download "
+                   "gemma_3_4b_it_bf16.safetensors into ComfyUI/models/text_encoders/.")
     if path.is_dir() and not (path / "config.json").is_file() and (path / "text_encoder").is_dir():
         return path / "text_encoder"  # the NewBie repo root was given
     return path
@@ -232,6 +232,7 @@ class GemmaTextEncoder:
         return out.hidden_states[-2], mask
 
 
+@cleans_up_on_failure
 def load_gemma(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> GemmaTextEncoder:
     """Load Gemma3-4B-it's text path from a HF folder or a ComfyUI single file (see the module docstring)."""
     from transformers import Gemma3TextModel

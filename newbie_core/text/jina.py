@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelFileError
-from ..files import describe_state_dict, list_keys, read_safetensors, weight_files
+from ..files import describe_state_dict, list_keys, read_safetensors, require_exists, weight_files
 from .gemma import SPIECE_KEY, build_hf_model
+from ..recovery import cleans_up_on_failure
 from .prompts import JINA_SPEC, TextTokenizer, tokenize_batch
 
 logger = logging.getLogger(__name__)
@@ -245,6 +246,7 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden.float() * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
 
 
+@cleans_up_on_failure
 def load_jina(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
               merge: bool = True) -> JinaTextEncoder:
     """Load the Jina CLIP v2 text tower from a HF folder or ComfyUI single file (see the module docstring).
@@ -253,9 +255,8 @@ def load_jina(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str
     """
     _, Model = _jina_model_class()
     path = Path(path)
-    if not path.exists():
-        raise ModelFileError(f"Jina CLIP v2 text encoder not found: {path}. Check the path, or download "
-                             f"jina_clip_v2_bf16.safetensors into ComfyUI/models/text_encoders/.")
+    require_exists(path, "the Jina CLIP v2 text encoder", "Check the path, or download "
+                   "jina_clip_v2_bf16.safetensors into ComfyUI/models/text_encoders/.")
     if path.is_dir() and not (path / "config.json").is_file() and (path / "clip_model").is_dir():
         path = path / "clip_model"  # the NewBie repo root was given
     sd, spiece = _read(path)

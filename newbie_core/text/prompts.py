@@ -19,8 +19,10 @@ from __future__ import annotations
 import logging
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -209,6 +211,24 @@ def _tail_words(tok: TextTokenizer, ids: list[int], n: int = 8) -> str:
     return text[-60:]
 
 
+@contextmanager
+def capture_truncation_warnings() -> Iterator[list[str]]:
+    """Collect, as a list of messages, the truncation warnings `tokenize_batch` logs inside the block
+    (hosts show them next to the result, not only in a log)."""
+    found: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            found.append(record.getMessage())
+
+    handler = _Collect(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield found
+    finally:
+        logger.removeHandler(handler)
+
+
 def tokenize_batch(tok: TextTokenizer, spec: TokenizerSpec, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Ids and attention mask ([B, L] int64, right padded) for `texts`, following `spec`.
 
@@ -227,10 +247,11 @@ def tokenize_batch(tok: TextTokenizer, spec: TokenizerSpec, texts: list[str]) ->
             else:
                 kept = full[: spec.max_length]
                 content = kept[1:]
+            which = f"{spec.name} prompt" + (f" {i + 1}" if len(texts) > 1 else "")
             logger.warning(
-                "%s prompt %d is %d tokens long; only the first %d are used. It was cut after: \"…%s\". "
+                "%s is %d tokens long; only the first %d are used. It was cut after: \"…%s\". "
                 "Shorten the prompt or move the important part to the front.",
-                spec.name, i + 1, len(full), spec.max_length, _tail_words(tok, content),
+                which, len(full), spec.max_length, _tail_words(tok, content),
             )
             full = kept
         rows.append(full)

@@ -154,7 +154,7 @@ def test_dtype_handling(tiny_paths, dit):
 
 
 # ------------------------------------------------------------------------------------------ errors
-@pytest.mark.parametrize("h,w,msg", [(9, 8, "72 px .* multiple of 16; use 80 px"),
+@pytest.mark.parametrize("h,w,msg", [(9, 8, "72 px .* multiple of 16; use 64 px"),
                                      (8, 1024, "width 8192 px .* at most 8176 px")])
 def test_bad_sizes_raise_input_error(dit, h, w, msg):
     with pytest.raises(InputError, match=msg):

@@ -78,7 +78,7 @@ def test_long_prompt_is_cut_at_512_with_a_warning(hf, caplog):
     with caplog.at_level(logging.WARNING):
         ids, mask = hf.tokenize([text])
     assert ids.shape == (1, 512)
-    assert "Gemma prompt 1 is" in caplog.text and "tokens long" in caplog.text and "1girl" in caplog.text
+    assert "Gemma prompt is 1" in caplog.text and "tokens long" in caplog.text and "1girl" in caplog.text
 
 
 def test_vision_tensors_are_never_read(paths, monkeypatch):

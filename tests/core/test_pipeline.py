@@ -92,7 +92,7 @@ def test_out_of_memory_in_sampling_releases_models_and_explains(pipe, monkeypatc
 
     monkeypatch.setattr(pl, "sample", oom)
     pipe.precision_names.update(dit="bf16")
-    with pytest.raises(StageOutOfMemoryError, match="dit stage.*fp8_e4m3fn"):
+    with pytest.raises(StageOutOfMemoryError, match="DiT sampling stage.*fp8_e4m3fn"):
         pipe.generate("x", settings=GenerationSettings(seed=1, **SMALL))
     assert all(m["device"] == "cpu" and "idle" in m["precision"] for m in pipe.describe_models())
     monkeypatch.undo()
