@@ -1,7 +1,7 @@
 // Shows the text a NewBie node reports (ui.text: purge report, cache hits, decode notes) on the node itself.
 // ComfyUI's frontend draws `text` only on its own Preview Any node; this small extension does it for ours.
-import { app } from "../../scripts/app.js";
-import { ComfyWidgets } from "../../scripts/widgets.js";
+import { app } from "../../../scripts/app.js";
+import { ComfyWidgets } from "../../../scripts/widgets.js";
 
 app.registerExtension({
   name: "NewBie.ShowReport",
