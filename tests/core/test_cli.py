@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from newbie_core.cli import main
@@ -44,3 +45,18 @@ def test_make_tiny_prints_every_file(tmp_path):
     for name in ("dit_hf", "dit_comfyui", "gemma_hf", "gemma_comfyui", "jina_hf", "jina_comfyui", "vae_hf", "vae_comfyui"):
         assert name in r.stdout
     assert (tmp_path / "t" / "comfyui" / "diffusion_models" / "NewBie-Image-Exp0.1.safetensors").is_file()
+
+
+def test_lowvram_flag_streams_blocks_and_decodes_in_tiles(tiny_models, tmp_path, capsys):
+    out = tmp_path / "low.png"
+    rc = main(["generate", "--prompt", "1girl", "--out", str(out), "--model-dir", str(tiny_models["root"]),
+               "--width", "64", "--height", "64", "--steps", "3", "--device", "cpu", "--lowvram", "--json"])
+    assert rc == 0 and out.is_file()
+    ledger = json.loads(capsys.readouterr().out)["ledger"]
+    assert ledger[-1]["stage"] == "vae" and "tiled" in ledger[-1]["notes"]
+
+
+def test_bench_is_its_own_command_with_its_own_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0 and "--quick" in capsys.readouterr().out
