@@ -88,15 +88,21 @@ def _dit_inputs(dit, seed=1):
     return x, torch.tensor([0.3, 0.3]), feats, mask, pooled
 
 
-@pytest.mark.parametrize("budget", [None, 0, 10**5, 3 * 10**5, 10**9])
-def test_staged_dit_streams_at_every_budget_with_identical_output(budget):
+def _resident_then_streamed(precision: str, budget=None):
+    """A tiny DiT's output fully resident, then the same DiT re-acquired with streamed blocks."""
     dit = _tiny_dit()
     inputs = _dit_inputs(dit)
     staged = StagedModel("dit", dit, stream=("context_refiner", "noise_refiner", "layers"))
-    prec = parse_precision("fp32", "dit")
+    prec = parse_precision(precision, "dit")
     staged.acquire("cpu", prec)
     ref = dit(*inputs)
     staged.acquire("cpu", prec, streaming=True, budget=budget)
+    return dit, staged, inputs, ref
+
+
+@pytest.mark.parametrize("budget", [None, 0, 10**5, 3 * 10**5, 10**9])
+def test_staged_dit_streams_at_every_budget_with_identical_output(budget):
+    dit, staged, inputs, ref = _resident_then_streamed("fp32", budget)
     assert staged.streamer is not None and len(staged.streamer.layers) == 8
     assert torch.equal(dit(*inputs), ref)
     assert staged.describe()["streaming"]["blocks"] == 8
@@ -105,13 +111,7 @@ def test_staged_dit_streams_at_every_budget_with_identical_output(budget):
 
 
 def test_streaming_with_fp8_storage_matches_resident_fp8():
-    dit = _tiny_dit()
-    inputs = _dit_inputs(dit)
-    staged = StagedModel("dit", dit, stream=("context_refiner", "noise_refiner", "layers"))
-    prec = parse_precision("fp8_e4m3fn", "dit")
-    staged.acquire("cpu", prec)
-    ref = dit(*inputs)
-    staged.acquire("cpu", prec, streaming=True)
+    dit, staged, inputs, ref = _resident_then_streamed("fp8_e4m3fn")
     assert dit.layers[0].attention.qkv.weight.dtype == torch.float8_e4m3fn
     assert torch.equal(dit(*inputs), ref)
     staged.release()
