@@ -127,7 +127,7 @@ class Pipeline:
         tensor-core matmuls where the GPU has them (else fp8 is storage only)."""
         self.paths = paths
         self.lowvram, self.vram_budget, self.compile, self.fp8_matmul = lowvram, vram_budget, compile, fp8_matmul
-        self._compiled: dict[int, Callable] = {}
+        self._compiled: tuple[object, Callable] | None = None  # (the DiT, its compiled forward)
         self.device = torch.device(device) if device is not None else default_device()
         self.precision_names = {"dit": "bf16", "text": "bf16", "vae": "auto", **(precision or {})}
         self.keep_loaded = keep_loaded
@@ -175,9 +175,9 @@ class Pipeline:
         """The DiT's forward, compiled once per model when `compile` is on (static shapes, no graph breaks)."""
         if not self.compile or self.lowvram:
             return dit
-        if id(dit) not in self._compiled:
-            self._compiled[id(dit)] = torch.compile(dit, fullgraph=True, dynamic=False)
-        return self._compiled[id(dit)]
+        if self._compiled is None or self._compiled[0] is not dit:
+            self._compiled = (dit, torch.compile(dit, fullgraph=True, dynamic=False))
+        return self._compiled[1]
 
     def _done_with(self, role: str, clear_cache: bool = True) -> None:
         if not self.keep_loaded and role in self._models:
@@ -194,6 +194,7 @@ class Pipeline:
         self.release_all()
         self._models.clear()
         self._wrappers.clear()
+        self._compiled = None  # the compiled wrapper holds the DiT: drop it with the model
         self.cache.clear()
         empty_device_cache(self.device)
 

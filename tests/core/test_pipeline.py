@@ -97,3 +97,15 @@ def test_out_of_memory_in_sampling_releases_models_and_explains(pipe, monkeypatc
     assert all(m["device"] == "cpu" and "idle" in m["precision"] for m in pipe.describe_models())
     monkeypatch.undo()
     assert pipe.generate("x", settings=GenerationSettings(seed=1, **SMALL)).images.shape[0] == 1
+
+
+def test_unload_all_also_drops_the_compiled_dit(pipe, monkeypatch):
+    """The compiled forward wraps the DiT module: keeping it after unload_all would keep the whole DiT alive."""
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)  # the bookkeeping, not inductor
+    pipe.compile = True
+    pipe.generate("a cat", settings=GenerationSettings(seed=1, **SMALL))
+    dit = weakref.ref(pipe._models["dit"].module)
+    assert pipe._compiled is not None and pipe._compiled[0] is dit()
+    pipe.unload_all()
+    gc.collect()
+    assert pipe._compiled is None and dit() is None
