@@ -88,17 +88,30 @@ class StagedModel:
         self.cpu_only, self.stream = cpu_only, stream
         self._pristine: dict[str, torch.Tensor] = {k: t.detach() for k, t in self._tensors()}
         self._fp8_params = {f"{n}.weight" for n, _ in linear_modules(module)}
-        self.device = torch.device("cpu")
-        self.precision: Precision | None = None
         self.streamer: LayerStreamer | None = None
-        self._key: tuple | None = None
+        self._key: tuple | None = None  # (device, precision, streaming, budget) while placed; None = idle
         self._arena: PinnedArena | None = None
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are now (the CPU while idle)."""
+        return self._key[0] if self._key else torch.device("cpu")
+
+    @property
+    def precision(self) -> Precision | None:
+        """The precision the weights are placed in, or None while idle (pristine CPU copy)."""
+        return self._key[1] if self._key else None
+
     def _tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for mod_name, mod in self.module.named_modules():
-            for pname, p in list(mod._parameters.items()) + list(mod._buffers.items()):
-                if p is not None:
-                    yield (f"{mod_name}.{pname}" if mod_name else pname), p
+        for full, mod, pname, is_param in self._slots():
+            yield full, (mod._parameters if is_param else mod._buffers)[pname]
+
+    @staticmethod
+    def _set(mod: nn.Module, pname: str, is_param: bool, t: torch.Tensor) -> None:
+        if is_param:
+            mod._parameters[pname].data = t
+        else:
+            mod._buffers[pname] = t
 
     def _slots(self) -> Iterator[tuple[str, nn.Module, str, bool]]:
         for mod_name, mod in self.module.named_modules():
@@ -133,10 +146,7 @@ class StagedModel:
     def _point_at_pristine(self) -> None:
         with torch.no_grad():
             for full, mod, pname, is_param in self._slots():
-                if is_param:
-                    mod._parameters[pname].data = self._pristine[full]
-                else:
-                    mod._buffers[pname] = self._pristine[full]
+                self._set(mod, pname, is_param, self._pristine[full])
 
     def _place(self, full: str, mod: nn.Module, pname: str, is_param: bool, device: torch.device,
                precision: Precision, to_host: bool) -> torch.Tensor:
@@ -155,12 +165,12 @@ class StagedModel:
             return src
         if dtype == FP8:
             new = quantize_linear_weight(mod, src.to(device=device, dtype=precision.compute))
+            if to_host:  # the scale travels with its block
+                mod.__dict__["weight_scale"] = mod.__dict__["weight_scale"].cpu()
         else:
             new = src.to(device=device, dtype=dtype)
         if to_host:
             new = new.to("cpu", non_blocking=False).pin_memory() if new.is_cuda else new.cpu()
-            if "weight_scale" in mod.__dict__:
-                mod.__dict__["weight_scale"] = mod.__dict__["weight_scale"].cpu()
         return new
 
     def acquire(self, device: torch.device | str, precision: Precision, streaming: bool = False,
@@ -183,16 +193,12 @@ class StagedModel:
         streamed = tuple(f"{n}." for n in self.stream) if streaming else ()
         with torch.no_grad():
             for full, mod, pname, is_param in self._slots():
-                new = self._place(full, mod, pname, is_param, device, precision, to_host=full.startswith(streamed)
-                                  if streamed else False)
-                if is_param:
-                    mod._parameters[pname].data = new
-                else:
-                    mod._buffers[pname] = new
+                to_host = bool(streamed) and full.startswith(streamed)
+                self._set(mod, pname, is_param, self._place(full, mod, pname, is_param, device, precision, to_host))
         if streaming:
             blocks = self.stream_blocks()
             self.streamer = LayerStreamer(blocks, device, resident_for_budget([block_nbytes(b) for b in blocks], budget))
-        self.device, self.precision, self._key = device, precision, key
+        self._key = key
         return self.module
 
     def release(self, clear_cache: bool = True) -> None:
@@ -204,7 +210,6 @@ class StagedModel:
         old_device, self._key = self.device, None
         self._point_at_pristine()
         set_linear_storage(self.module, False)
-        self.device, self.precision = torch.device("cpu"), None
         if clear_cache and old_device.type != "cpu":
             empty_device_cache(old_device, collect=False)  # every device copy was just unreferenced
 

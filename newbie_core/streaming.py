@@ -115,13 +115,14 @@ class LayerStreamer:
         self.resident = max(0, min(int(resident), len(self.layers)))
         self.prefetch = max(1, int(prefetch))
         self.entries: list[list[_Entry]] = []
+        self._sizes: list[int] = []  # slot bytes per block (= block_nbytes)
         for layer in self.layers:
             entries, size = [], 0
             for mod, name, kind, t in block_tensors(layer):
                 entries.append(_Entry(mod, name, kind, t, size))
                 size = _align(size + t.numel() * t.element_size())
             self.entries.append(entries)
-        self._sizes = [_align(sum(_align(e.nbytes) for e in es)) for es in self.entries]
+            self._sizes.append(size)
         self._resident_bufs = []
         for i in range(self.resident):
             buf = torch.empty(self._sizes[i], dtype=torch.uint8, device=self.device)
