@@ -7,6 +7,7 @@ low-VRAM (streamed blocks, tiled decode); compile (staged bf16 with the DiT comp
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -28,6 +29,19 @@ MIN_BF16_TOL = 5e-3
 MODES = ("naive", "staged_bf16", "fp8", "lowvram", "compile")
 
 
+@contextmanager
+def reference_arithmetic(dit):
+    """The naive baseline's DiT arithmetic inside the block: one masked SDPA call over the padded CFG batch and
+    the official two-rounding RMSNorm (the reference code's); packed attention and fused norms after it."""
+    dit.packed_attention = False
+    set_fused_norms(dit, False)
+    try:
+        yield dit
+    finally:
+        dit.packed_attention = True
+        set_fused_norms(dit, True)
+
+
 def _step(record: dict, name: str, forward, inputs, device, ref=None, tol=None, runs=5) -> dict:
     r = dit_step(forward, inputs, device, runs=runs)
     out = r.pop("out")
@@ -47,17 +61,14 @@ def dit_steps(staged: dict, device: torch.device, quick: bool, budgets_gib: list
     cap = 24 if quick else 256
     rec: dict = {}
     bf16, fp8 = parse_precision("bf16", "dit"), parse_precision("fp8_e4m3fn", "dit")
-    dit.acquire(device, bf16)
-    dit_w.packed_attention = False  # naive: one masked SDPA call over the padded CFG batch,
-    set_fused_norms(dit_w, False)   # and the official RMSNorm sequence
-    plain = dit_inputs(dit_w, device, latent_hw=hw, cap_len=cap, uncond_len=min(40, cap // 2))
-    ref = _step(rec, "naive_eager_bf16", dit_w, plain, device)["out"]
-    dit.release()
-    dit.acquire(device, parse_precision("fp32", "dit"))
-    args32 = tuple(a.float() if a.is_floating_point() else a for a in plain[0])
-    ref32 = _step(rec, "eager_fp32_reference", dit_w, (args32, plain[1]), device, runs=1)["out"]
-    dit_w.packed_attention = True  # ours: real tokens packed first, unmasked kernels, fused norms
-    set_fused_norms(dit_w, True)
+    with reference_arithmetic(dit_w):
+        dit.acquire(device, bf16)
+        plain = dit_inputs(dit_w, device, latent_hw=hw, cap_len=cap, uncond_len=min(40, cap // 2))
+        ref = _step(rec, "naive_eager_bf16", dit_w, plain, device)["out"]
+        dit.release()
+        dit.acquire(device, parse_precision("fp32", "dit"))
+        args32 = tuple(a.float() if a.is_floating_point() else a for a in plain[0])
+        ref32 = _step(rec, "eager_fp32_reference", dit_w, (args32, plain[1]), device, runs=1)["out"]
     bf16_err = parity(ref, ref32)["rel_l2_diff"]
     rec["naive_eager_bf16"].update(parity(ref, ref32))
     tol = max(2 * bf16_err, MIN_BF16_TOL)
@@ -117,17 +128,16 @@ def generations(staged: dict, device: torch.device, settings: GenerationSettings
     saved = {r: m.cpu_only for r, (_, m) in staged.items()}
     for _, m in staged.values():
         m.cpu_only = ()
-    staged["dit"][0].packed_attention = False  # plain masked SDPA, official norm sequence
-    set_fused_norms(staged["dit"][0], False)
-    pipe = new_pipeline(staged, device, keep_loaded=True, precision={"vae": "bf16"})
-    for role in staged:
-        pipe._acquire(role)
-    naive = run_generation(pipe, settings, PROMPT)
-    purge(pipe)
-    staged["dit"][0].packed_attention = True
-    set_fused_norms(staged["dit"][0], True)
-    for r, (_, m) in staged.items():
-        m.cpu_only = saved[r]
+    try:
+        with reference_arithmetic(staged["dit"][0]):
+            pipe = new_pipeline(staged, device, keep_loaded=True, precision={"vae": "bf16"})
+            for role in staged:
+                pipe._acquire(role)
+            naive = run_generation(pipe, settings, PROMPT)
+            purge(pipe)
+    finally:
+        for r, (_, m) in staged.items():
+            m.cpu_only = saved[r]
     ref = naive.pop("latents")
     naive.update(parity(ref, ref32_latents))
     tol = max(2 * naive["rel_l2_diff"], MIN_BF16_TOL)
