@@ -9,7 +9,7 @@ import difflib
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -132,6 +132,29 @@ def read_safetensors(path: str | os.PathLike, keys: Iterable[str] | None = None)
         out.clear()  # drop what was read: a half-read file must not stay in memory through the traceback
         raise damaged_file_error(path, f"reading tensor {k!r} failed: {e}") from e
     return out
+
+
+def read_under_prefix(path: str | os.PathLike, find_prefix: Callable[[list[str]], str],
+                      keep: Callable[[str], bool] | None = None, extra: tuple[str, ...] = (),
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One model's tensors inside a (sharded) file or folder, reading nothing else.
+
+    `find_prefix(all keys)` picks the model's key prefix (and raises, naming what the file looks like, when
+    there is none); keys under it that pass `keep(key)` are read with the prefix stripped. `extra` names
+    tensors read as they are when present (an embedded tokenizer). Returns (state dict, {extra key: tensor}).
+    """
+    per_file = {f: list_keys(f) for f in weight_files(path)}
+    prefix = find_prefix([k for ks in per_file.values() for k in ks])
+    sd: dict[str, torch.Tensor] = {}
+    found: dict[str, torch.Tensor] = {}
+    for f, ks in per_file.items():
+        wanted = [k for k in ks if k.startswith(prefix) and k not in extra and (keep is None or keep(k))]
+        for k, v in read_safetensors(f, wanted + [k for k in extra if k in ks]).items():
+            if k in extra:
+                found[k] = v
+            else:
+                sd[k[len(prefix):]] = v
+    return sd, found
 
 
 def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelFileError
-from ..files import describe_state_dict, list_keys, read_safetensors, require_exists, weight_files
+from ..files import describe_state_dict, read_under_prefix, require_exists
 from .prompts import GEMMA_SPEC, TextTokenizer, tokenize_batch
 from ..recovery import cleans_up_on_failure
 
@@ -105,22 +105,18 @@ def _text_prefix(keys: list[str], path: Path) -> str:
 
 def _read_text_weights(path: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Gemma text tensors (prefix stripped, lm_head/vision skipped, not even read) + embedded tokenizer."""
-    files = weight_files(path)
-    per_file = {f: list_keys(f) for f in files}
-    all_keys = [k for ks in per_file.values() for k in ks]
-    prefix = _text_prefix(all_keys, path)
-    sd: dict[str, torch.Tensor] = {}
-    spiece = None
-    for f, ks in per_file.items():
-        wanted = [k for k in ks if k.startswith(prefix) and (prefix or not k.startswith(("vision", "multi_modal", "lm_head")))]
-        if SPIECE_KEY in ks:
-            wanted.append(SPIECE_KEY)
-        for k, v in read_safetensors(f, wanted).items():
-            if k == SPIECE_KEY:
-                spiece = v
-            else:
-                sd[k[len(prefix):]] = v
-    return sd, spiece
+    prefix = ""
+
+    def find(keys: list[str]) -> str:
+        nonlocal prefix
+        prefix = _text_prefix(keys, path)
+        return prefix
+
+    def keep(key: str) -> bool:  # an unprefixed file also holds the other towers' tensors
+        return bool(prefix) or not key.startswith(("vision", "multi_modal", "lm_head"))
+
+    sd, extra = read_under_prefix(path, find, keep=keep, extra=(SPIECE_KEY,))
+    return sd, extra.get(SPIECE_KEY)
 
 
 def gemma_config_from_shapes(sd: dict[str, torch.Tensor]):

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelFileError
-from ..files import describe_state_dict, list_keys, read_safetensors, require_exists, weight_files
+from ..files import describe_state_dict, read_under_prefix, require_exists
 from .gemma import SPIECE_KEY, build_hf_model
 from ..recovery import cleans_up_on_failure
 from .prompts import JINA_SPEC, TextTokenizer, tokenize_batch
@@ -84,18 +84,8 @@ def _backbone_prefix(keys: list[str], path: Path) -> str:
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    files = weight_files(path)
-    per_file = {f: list_keys(f) for f in files}
-    prefix = _backbone_prefix([k for ks in per_file.values() for k in ks], path)
-    sd, spiece = {}, None
-    for f, ks in per_file.items():
-        wanted = [k for k in ks if k.startswith(prefix)] + ([SPIECE_KEY] if SPIECE_KEY in ks else [])
-        for k, v in read_safetensors(f, wanted).items():
-            if k == SPIECE_KEY:
-                spiece = v
-            else:
-                sd[k[len(prefix):]] = v
-    return sd, spiece
+    sd, extra = read_under_prefix(path, lambda keys: _backbone_prefix(keys, path), extra=(SPIECE_KEY,))
+    return sd, extra.get(SPIECE_KEY)
 
 
 def merge_lora(sd: dict[str, torch.Tensor], task_index: int = 0, alpha: float | None = None) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import newbie_core.text.gemma as gemma_mod
+import newbie_core.files as files_mod
 from newbie_core.errors import ModelFileError
 from newbie_core.text.gemma import gemma_config_from_shapes, load_gemma
 from newbie_core.tiny import TINY_GEMMA_HIDDEN
@@ -83,13 +83,13 @@ def test_long_prompt_is_cut_at_512_with_a_warning(hf, caplog):
 
 def test_vision_tensors_are_never_read(paths, monkeypatch):
     asked = []
-    real = gemma_mod.read_safetensors
+    real = files_mod.read_safetensors  # every model file is read through it
 
     def spy(path, keys=None):
         asked.extend(keys or ["<ALL>"])
         return real(path, keys)
 
-    monkeypatch.setattr(gemma_mod, "read_safetensors", spy)
+    monkeypatch.setattr(files_mod, "read_safetensors", spy)
     load_gemma(paths["gemma_hf"], dtype=torch.float32)
     assert asked and "<ALL>" not in asked
     assert not [k for k in asked if "vision" in k or "multi_modal" in k]

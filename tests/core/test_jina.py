@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import newbie_core.files as files_mod
 import newbie_core.text.jina as jina_mod
 from newbie_core.errors import ModelFileError
 from newbie_core.text.jina import load_jina, masked_mean
@@ -91,8 +92,8 @@ def test_original_xlmr_sentencepiece_gets_fairseq_offset():
 
 def test_vision_tensors_are_never_read(paths, monkeypatch):
     asked = []
-    real = jina_mod.read_safetensors
-    monkeypatch.setattr(jina_mod, "read_safetensors", lambda p, keys=None: asked.extend(keys or ["<ALL>"]) or real(p, keys))
+    real = files_mod.read_safetensors  # every model file is read through it
+    monkeypatch.setattr(files_mod, "read_safetensors", lambda p, keys=None: asked.extend(keys or ["<ALL>"]) or real(p, keys))
     load_jina(paths["jina_hf"], dtype=torch.float32)
     assert asked and "<ALL>" not in asked and not [k for k in asked if "vision" in k or "logit" in k]
 
