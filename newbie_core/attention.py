@@ -76,10 +76,6 @@ class KeyPrefix:
 
     lengths: tuple[int, ...]
 
-    def as_mask(self, seq: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """The equivalent boolean key mask `[B, seq]` (for kernels that only take masks)."""
-        return torch.arange(seq, device=device)[None] < torch.tensor(self.lengths, device=device)[:, None]
-
 
 def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: KeyPrefix,
                      unmasked: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:

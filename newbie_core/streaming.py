@@ -44,6 +44,10 @@ class _Entry:
     def nbytes(self) -> int:
         return self.host.numel() * self.host.element_size()
 
+    def view_in(self, base: torch.Tensor) -> torch.Tensor:
+        """This tensor's place inside a slot (a uint8 buffer), as a tensor of its dtype and shape."""
+        return base[self.offset:self.offset + self.nbytes].view(self.host.dtype).view(self.host.shape)
+
 
 def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
@@ -92,10 +96,7 @@ def resident_for_budget(block_bytes: Sequence[int], budget: int | None, prefetch
 def _bind(entries: list[_Entry], base: torch.Tensor | None) -> None:
     """Point each entry's module tensor at its view inside `base` (a slot), or at its host copy (None)."""
     for e in entries:
-        if base is None:
-            t = e.host
-        else:
-            t = base[e.offset:e.offset + e.nbytes].view(e.host.dtype).view(e.host.shape)
+        t = e.host if base is None else e.view_in(base)
         if e.kind == "p":
             e.module._parameters[e.name].data = t
         elif e.kind == "b":
@@ -140,7 +141,6 @@ class LayerStreamer:
         self._free_event: list[torch.cuda.Event | None] = [None] * n_slots
         self._ready: dict[int, torch.cuda.Event] = {}
         self._next = 0
-        self.copies = 0  # blocks copied so far (a test and benchmark figure)
         self._hooks = []
         for i in self.streamed:
             layer = self.layers[i]
@@ -158,8 +158,7 @@ class LayerStreamer:
     # ------------------------------------------------------------------------------------ copies
     def _copy(self, dst: torch.Tensor, i: int, stream) -> None:
         for e in self.entries[i]:
-            view = dst[e.offset:e.offset + e.nbytes].view(e.host.dtype).view(e.host.shape)
-            view.copy_(e.host, non_blocking=stream is not None)
+            e.view_in(dst).copy_(e.host, non_blocking=stream is not None)
 
     def _fetch(self, i: int, protect: int | None = None) -> None:
         """Start copying block `i` into the least recently used slot, never the one holding block `protect`."""
@@ -182,7 +181,6 @@ class LayerStreamer:
         else:
             self._copy(self.slots[s], i, None)
         self._slot_of[i], self._owner[s] = s, i
-        self.copies += 1
 
     # ------------------------------------------------------------------------------------ hooks
     def _before(self, i: int, module, args):
@@ -246,11 +244,6 @@ class PinnedArena:
         if torch.cuda.is_available():
             err = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.buffer.numel(), 0)
             self.registered = int(getattr(err, "value", err)) == 0
-
-    @property
-    def nbytes(self) -> int:
-        """Size of the buffer in bytes."""
-        return self.buffer.numel()
 
     def close(self) -> None:
         """Unregister the buffer from CUDA (the memory itself is freed with the last view)."""
