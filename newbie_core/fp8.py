@@ -30,10 +30,12 @@ _MIN_ROWS = 16  # below this many tokens (AdaLN vectors, pooled projections) the
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel fp8 quantisation: `(W8 [N,K] e4m3fn, scale [N] fp32)` with `W ≈ W8 · scale[:, None]`."""
-    wf = w.float()
-    scale = (wf.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
-    return (wf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    """Per-output-channel fp8 quantisation: `(W8 [N,K] e4m3fn, scale [N] fp32)` with `W ≈ W8 · scale[:, None]`.
+
+    The same row-wise rule as the activations' (`_quantize_rows_eager`): each output channel is a row of W.
+    """
+    w8, scale = _quantize_rows_eager(w)
+    return w8, scale.squeeze(1)
 
 
 def dequantize_weight(w8: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
