@@ -5,14 +5,18 @@ output channel, `s = amax(|W[n,:]|) / 448` (448 = the largest e4m3fn value). A p
 flush the many weights below 2^-9 to zero; the scales keep every row in fp8's full range. Halves the memory of
 bf16 weights (plus 4 bytes per output channel).
 
+`Fp8Linear` is a real module: the scale is its non-persistent buffer `weight_scale` (None while the weight is
+not fp8), so `.to()`, ModelPatcher and block streaming move it with the weight, and `state_dict()` stays the
+file's keys. Our DiT is built with it (`ops.Linear`); other models (transformers' Gemma) get it by module
+replacement (`make_fp8_capable`, the same Parameter objects). `precision.convert_tensor` is the one routine that
+turns a weight into what a stage stores (fp8 + scale, or a cast).
+
 Compute, per call, in the input's dtype (bf16):
-- where the GPU has fp8 tensor cores with row-wise scaling (CUDA capability ≥ 9.0: H100/H200/B200) and the
-  layer opts in (`enable_fp8_matmul`), the activations are quantised per token (row-wise scale, one fused
-  kernel) and multiplied with `torch._scaled_mm` (fp8 × fp8 → bf16, fp32 accumulate): about 1.6× the bf16
-  matmul rate;
-- elsewhere (CPU, older GPUs, tiny row counts) the weight is dequantised to bf16 (`W8 · s`) and F.linear runs.
-Layers become fp8-capable by an in-place class swap (`set_linear_storage`), so any model (our DiT, transformers'
-Gemma) gains fp8 without being rebuilt; `quantize_linear_weight` fills a swapped layer.
+- where the GPU has fp8 tensor cores with row-wise scaling (CUDA capability ≥ 8.9 with torch's row-wise
+  `_scaled_mm`: H100/H200/B200, Ada) and the layer opts in (`enable_fp8_matmul`), the activations are quantised
+  per token (row-wise scale, one fused kernel) and multiplied with `torch._scaled_mm` (fp8 × fp8 → bf16, fp32
+  accumulate);
+- elsewhere (CPU, older GPUs, tiny row counts) the weight is dequantised to the input dtype (`W8 · s`).
 """
 from __future__ import annotations
 
@@ -41,11 +45,11 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_weight(w8: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """`W8 · scale` in `dtype` (a plain cast when `scale` is None: unscaled fp8 files)."""
     w = w8.to(dtype)
-    return w if scale is None else w * scale.to(dtype)[:, None]
+    return w if scale is None else w * scale.to(w.device, dtype)[:, None]
 
 
 def _quantize_rows_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise fp8 quantisation of a 2-D activation: `(x8 [M,K], scale [M,1] fp32)`."""
+    """Row-wise fp8 quantisation of a 2-D tensor: `(x8 [M,K], scale [M,1] fp32)`."""
     xf = x.float()
     scale = (xf.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
@@ -69,11 +73,11 @@ def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fp8_matmul_supported(device: torch.device | str | None) -> bool:
-    """True where `torch._scaled_mm` with row-wise scales runs: CUDA devices of capability ≥ 9.0."""
+    """True where `torch._scaled_mm` with row-wise scales runs: CUDA devices of capability ≥ 8.9."""
     dev = torch.device(device) if device is not None else None
     if FP8 is None or dev is None or dev.type != "cuda" or not torch.cuda.is_available():
         return False
-    return hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(dev) >= (9, 0)
+    return hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(dev) >= (8, 9)
 
 
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -85,28 +89,65 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias: t
     return out.view(*shape[:-1], w8.shape[0])
 
 
-class Fp8StorageLinear(nn.Linear):
-    """nn.Linear whose weight may be stored in fp8 (with `weight_scale`) and is used in the input's dtype.
+def linear_forward(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+                   fp8_matmul: bool = False) -> torch.Tensor:
+    """`x @ Wᵀ + b` in `x`'s dtype on `x`'s device, whatever the weight's storage: the same dtype (plain
+    F.linear), fp8 with a per-channel `scale` (tensor cores where `fp8_matmul` and the shapes allow, else
+    dequantised), or another dtype/device (cast per call, e.g. weights left on the CPU by a low-VRAM loader)."""
+    if weight.device != x.device:
+        weight = weight.to(x.device, non_blocking=True)
+    if scale is not None and scale.device != x.device:
+        scale = scale.to(x.device, non_blocking=True)
+    if bias is not None and (bias.device != x.device or bias.dtype != x.dtype):
+        bias = bias.to(x.device, x.dtype, non_blocking=True)
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    if scale is None:
+        return F.linear(x, weight.to(x.dtype), bias)
+    if (fp8_matmul and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] % 16 == 0
+            and weight.shape[0] % 16 == 0 and x.numel() // x.shape[-1] >= _MIN_ROWS):
+        return fp8_linear(x, weight, scale, bias)
+    return F.linear(x, dequantize_weight(weight, scale, x.dtype), bias)
 
-    `weight_scale` ([N] fp32 or None) and `fp8_matmul` (bool) are plain attributes set by
-    `quantize_linear_weight` / `enable_fp8_matmul`. Weights on another device than the input are moved per call.
+
+class Fp8Linear(nn.Linear):
+    """`nn.Linear` whose weight may be stored in fp8 with a per-output-channel scale, used in the input's dtype.
+
+    `weight_scale` is a non-persistent buffer ([N] fp32, None unless the weight is fp8): it follows `.to()` and
+    every device manager, and stays out of `state_dict()`. `fp8_matmul` (set by `enable_fp8_matmul`) opts the
+    layer into fp8 tensor-core matmuls. No weight initialisation: weights always come from a file.
     """
 
-    weight_scale: torch.Tensor | None = None
-    fp8_matmul: bool = False
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("weight_scale", None, persistent=False)
+        self.fp8_matmul = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - nn.Linear.forward
-        w, scale = self.weight, self.weight_scale
-        if w.device != x.device:
-            w = w.to(x.device, non_blocking=True)
-            scale = None if scale is None else scale.to(x.device, non_blocking=True)
-        bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
-        if w.dtype == x.dtype:
-            return F.linear(x, w, bias)
-        if (self.fp8_matmul and scale is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-                and x.shape[-1] % 16 == 0 and w.shape[0] % 16 == 0 and x.numel() // x.shape[-1] >= _MIN_ROWS):
-            return fp8_linear(x, w, scale, bias)
-        return F.linear(x, dequantize_weight(w, scale, x.dtype), bias)
+    def reset_parameters(self) -> None:  # noqa: D401 - skip init on purpose
+        """Do nothing: weights come from a state dict."""
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x @ Wᵀ + b` (see `linear_forward`)."""
+        return linear_forward(x, self.weight, self.weight_scale, self.bias, self.fp8_matmul)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight in `dtype` (fp8 weights multiplied by their scales)."""
+        return dequantize_weight(self.weight, self.weight_scale, dtype)
+
+    def store_fp8(self, weight: torch.Tensor) -> None:
+        """Quantise `weight` (any float dtype, on the device it should live on) into this layer: fp8 + scales."""
+        w8, scale = quantize_weight(weight)
+        self.weight = nn.Parameter(w8, requires_grad=False)
+        self.weight_scale = scale
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> "Fp8Linear":
+        """An Fp8Linear sharing `lin`'s Parameter objects (no copy); plain layers can then hold fp8 weights."""
+        new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
+        new.weight, new.bias = lin.weight, lin.bias
+        new.train(lin.training)
+        return new
 
 
 def linear_modules(module: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -114,39 +155,24 @@ def linear_modules(module: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
 
 
-def set_linear_storage(module: nn.Module, fp8: bool) -> None:
-    """Make every Linear in `module` accept fp8 weights (fp8=True), or restore each layer's own class.
-
-    The swap is in place: `nn.Linear` and our `ops.Linear` become `Fp8StorageLinear` (the original class is
-    remembered); other Linear subclasses (ComfyUI's ops, LoRA wrappers) are left alone.
-    """
-    from .ops import Linear as OpsLinear
-
-    for _, m in linear_modules(module):
-        if fp8 and type(m) in (nn.Linear, OpsLinear):
-            m.__dict__["_plain_class"] = type(m)
-            m.__class__ = Fp8StorageLinear
-        elif not fp8 and type(m) is Fp8StorageLinear:
-            m.__class__ = m.__dict__.pop("_plain_class", nn.Linear)
-            m.__dict__.pop("weight_scale", None)
-            m.__dict__.pop("fp8_matmul", None)
-
-
-def quantize_linear_weight(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """Quantise `weight` (the layer's weight, already on its device) to fp8 and store its scale on `layer`.
-
-    Returns the fp8 tensor for the caller to install as `layer.weight`.
-    """
-    w8, scale = quantize_weight(weight)
-    layer.__dict__["weight_scale"] = scale
-    return w8
+def make_fp8_capable(module: nn.Module) -> int:
+    """Replace every plain `nn.Linear` inside `module` by an `Fp8Linear` holding the same Parameters (done once,
+    at load time, for models we do not build ourselves such as transformers' Gemma). Returns how many."""
+    n = 0
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Linear:
+            setattr(module, name, Fp8Linear.from_linear(child))
+            n += 1
+        else:
+            n += make_fp8_capable(child)
+    return n
 
 
 def enable_fp8_matmul(module: nn.Module, on: bool = True) -> int:
-    """Let the fp8-stored Linears of `module` use fp8 tensor-core matmuls; returns how many layers opted in."""
+    """Let the Fp8Linears of `module` use fp8 tensor-core matmuls; returns how many layers opted in."""
     n = 0
     for _, m in linear_modules(module):
-        if isinstance(m, Fp8StorageLinear):
-            m.__dict__["fp8_matmul"] = bool(on)
+        if isinstance(m, Fp8Linear):
+            m.fp8_matmul = bool(on)
             n += 1
     return n

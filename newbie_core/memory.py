@@ -19,8 +19,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .fp8 import FP8, quantize_linear_weight
-from .precision import Precision, linear_modules, set_linear_storage, target_dtype
+from .precision import Precision, convert_tensor, set_tensor
 from .streaming import LayerStreamer, PinnedArena, block_nbytes, resident_for_budget
 
 log = logging.getLogger(__name__)
@@ -87,7 +86,6 @@ class StagedModel:
         self.name, self.module, self.source = name, module.eval().requires_grad_(False), source
         self.cpu_only, self.stream = cpu_only, stream
         self._pristine: dict[str, torch.Tensor] = {k: t.detach() for k, t in self._tensors()}
-        self._fp8_params = {f"{n}.weight" for n, _ in linear_modules(module)}
         self.streamer: LayerStreamer | None = None
         self._key: tuple | None = None  # (device, precision, streaming, budget) while placed; None = idle
         self._arena: PinnedArena | None = None
@@ -105,13 +103,6 @@ class StagedModel:
     def _tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for full, mod, pname, is_param in self._slots():
             yield full, (mod._parameters if is_param else mod._buffers)[pname]
-
-    @staticmethod
-    def _set(mod: nn.Module, pname: str, is_param: bool, t: torch.Tensor) -> None:
-        if is_param:
-            mod._parameters[pname].data = t
-        else:
-            mod._buffers[pname] = t
 
     def _slots(self) -> Iterator[tuple[str, nn.Module, str, bool]]:
         for mod_name, mod in self.module.named_modules():
@@ -144,34 +135,25 @@ class StagedModel:
         self._point_at_pristine()
 
     def _point_at_pristine(self) -> None:
+        """Every tensor back to its pristine CPU copy; tensors derived per stage (fp8 scales) are dropped."""
         with torch.no_grad():
-            for full, mod, pname, is_param in self._slots():
-                self._set(mod, pname, is_param, self._pristine[full])
+            for full, mod, pname, _ in list(self._slots()):
+                set_tensor(mod, pname, self._pristine.get(full))
 
-    def _place(self, full: str, mod: nn.Module, pname: str, is_param: bool, device: torch.device,
-               precision: Precision, to_host: bool) -> torch.Tensor:
-        """The tensor `full` as this stage needs it: on `device` in its target dtype (fp8: quantised there).
-
-        `to_host`: the converted tensor goes back to pinned CPU memory (a streamed block); when no conversion
-        is needed the pristine tensor itself is used.
-        """
+    def _place(self, full: str, mod: nn.Module, pname: str, device: torch.device, precision: Precision,
+               to_host: bool) -> dict[str, torch.Tensor]:
+        """The tensor `full` as this stage stores it (`precision.convert_tensor`: on `device` in its target
+        dtype, fp8 with its scale). `to_host`: the converted tensors go to pinned CPU memory instead (a
+        streamed block); a tensor that needs no conversion is then the pristine one itself."""
         src = self._pristine[full]
         if self._is_cpu_only(full):
-            return src
-        if not (is_param or mod_persistent(mod, pname)):  # non-persistent buffers (RoPE tables) keep their dtype
-            return src if to_host else src.to(device=device)
-        dtype = target_dtype(full, src, precision, self._fp8_params)
-        if to_host and dtype == src.dtype:
-            return src
-        if dtype == FP8:
-            new = quantize_linear_weight(mod, src.to(device=device, dtype=precision.compute))
-            if to_host:  # the scale travels with its block
-                mod.__dict__["weight_scale"] = mod.__dict__["weight_scale"].cpu()
-        else:
-            new = src.to(device=device, dtype=dtype)
+            return {pname: src}
+        if to_host and not (precision.is_fp8 or (src.is_floating_point() and src.dtype != precision.compute)):
+            return {pname: src}
+        out = convert_tensor(mod, pname, src, precision, device)  # converted on the device (fast quantisation)
         if to_host:
-            new = new.to("cpu", non_blocking=False).pin_memory() if new.is_cuda else new.cpu()
-        return new
+            out = {k: (v.cpu().pin_memory() if v.is_cuda else v.cpu()) for k, v in out.items()}
+        return out
 
     def acquire(self, device: torch.device | str, precision: Precision, streaming: bool = False,
                 budget: int | None = None) -> nn.Module:
@@ -189,12 +171,13 @@ class StagedModel:
             self.release()
         if device.type == "cuda":
             self.pin()
-        set_linear_storage(self.module, precision.is_fp8)
         streamed = tuple(f"{n}." for n in self.stream) if streaming else ()
         with torch.no_grad():
-            for full, mod, pname, is_param in self._slots():
-                to_host = bool(streamed) and full.startswith(streamed)
-                self._set(mod, pname, is_param, self._place(full, mod, pname, is_param, device, precision, to_host))
+            for full, mod, pname, _ in list(self._slots()):
+                if full in self._pristine:
+                    to_host = bool(streamed) and full.startswith(streamed)
+                    for attr, t in self._place(full, mod, pname, device, precision, to_host).items():
+                        set_tensor(mod, attr, t)
         if streaming:
             blocks = self.stream_blocks()
             self.streamer = LayerStreamer(blocks, device, resident_for_budget([block_nbytes(b) for b in blocks], budget))
@@ -209,7 +192,6 @@ class StagedModel:
             self.streamer = None
         old_device, self._key = self.device, None
         self._point_at_pristine()
-        set_linear_storage(self.module, False)
         if clear_cache and old_device.type != "cpu":
             empty_device_cache(old_device, collect=False)  # every device copy was just unreferenced
 
@@ -228,11 +210,6 @@ class StagedModel:
             info["streaming"] = {"blocks": len(self.streamer.layers), "resident": self.streamer.resident,
                                  "device_mib": round(self.streamer.device_bytes / MiB, 1)}
         return info
-
-
-def mod_persistent(mod: nn.Module, buffer_name: str) -> bool:
-    """True if `buffer_name` is a persistent buffer of `mod` (saved in state dicts)."""
-    return buffer_name not in getattr(mod, "_non_persistent_buffers_set", set())
 
 
 @dataclass

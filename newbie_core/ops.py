@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fp8 import Fp8Linear
+
 
 def _cast(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     """`t` in `like`'s dtype and device (no copy when they already match)."""
@@ -24,16 +26,9 @@ def _cast(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     return t
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` without weight init; casts weight/bias to the input's dtype and device when needed."""
-
-    def reset_parameters(self) -> None:  # noqa: D401 - skip init on purpose
-        """Do nothing: weights come from a state dict."""
-        return None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`x @ W.T + b` in `x`'s dtype on `x`'s device."""
-        return F.linear(x, _cast(self.weight, x), _cast(self.bias, x))
+class Linear(Fp8Linear):
+    """`nn.Linear` without weight init; computes in the input's dtype on its device whatever the weight's
+    storage (same dtype, fp8 with per-channel scales, or weights left elsewhere by a low-VRAM loader)."""
 
 
 class LayerNorm(nn.LayerNorm):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import InputError, NumericalError
-from .fp8 import FP8, Fp8StorageLinear, linear_modules, quantize_linear_weight, set_linear_storage  # noqa: F401
+from .fp8 import FP8, Fp8Linear, quantize_weight
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +90,30 @@ def device_supports_bf16(device: torch.device | str | None) -> bool:
     return False
 
 
-def target_dtype(param_name: str, tensor: torch.Tensor, precision: Precision, fp8_params: set[str]) -> torch.dtype:
-    """The dtype a weight takes on the device: fp8 for Linear weights under fp8, else the compute dtype.
+def convert_tensor(mod: nn.Module, name: str, tensor: torch.Tensor, precision: Precision,
+                   device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """The one conversion rule: what a stage stores for `mod.<name>` (a parameter or buffer) = `tensor`.
 
-    Non-floating tensors (token ids, counters) keep their dtype.
+    Returns {attribute: tensor} on `device` (None: where it is). An `Fp8Linear` weight under fp8 becomes
+    `{"weight": W8, "weight_scale": s}` (per-channel scales, quantised from the compute dtype); other floating
+    tensors take the compute dtype; integer tensors and non-persistent buffers (RoPE tables) keep theirs.
+    Used by `memory.StagedModel` (CLI host), `cast_module` (ComfyUI host) and so by streaming.
     """
-    if not tensor.is_floating_point():
-        return tensor.dtype
-    if precision.is_fp8 and param_name in fp8_params:
-        return precision.storage
-    return precision.compute
+    persistent = name in mod._parameters or name not in getattr(mod, "_non_persistent_buffers_set", set())
+    if not tensor.is_floating_point() or not persistent:
+        return {name: tensor if device is None else tensor.to(device=device)}
+    if precision.is_fp8 and name == "weight" and isinstance(mod, Fp8Linear):
+        w8, scale = quantize_weight(tensor.to(device=device, dtype=precision.compute))
+        return {"weight": w8, "weight_scale": scale}
+    return {name: tensor.to(device=device, dtype=precision.compute)}
+
+
+def set_tensor(mod: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
+    """Install `tensor` as `mod.<name>`: a parameter's data, or a buffer (None clears a buffer)."""
+    if name in mod._parameters:
+        mod._parameters[name].data = tensor
+    else:
+        mod._buffers[name] = tensor
 
 
 def check_finite(x: torch.Tensor, stage: str, precision: Precision | str | None = None) -> torch.Tensor:
@@ -115,23 +129,17 @@ def check_finite(x: torch.Tensor, stage: str, precision: Precision | str | None 
 
 
 def cast_module(module: nn.Module, precision: Precision) -> nn.Module:
-    """Cast `module` in place to `precision` (fp8: Linear weights quantised to fp8 with scales, the rest bf16).
+    """Cast `module` in place to `precision` through `convert_tensor` (fp8: Linear weights quantised with scales).
 
-    For hosts that manage devices themselves (ComfyUI's ModelPatcher) and need no pristine copy;
-    the CLI pipeline uses `memory.StagedModel` instead. Non-persistent buffers (RoPE tables) keep their dtype.
+    For hosts that manage devices themselves (ComfyUI's ModelPatcher) and need no pristine copy; the CLI
+    host keeps pristine weights in `memory.StagedModel`, which applies the same rule per stage.
     """
-    fp8_params = {f"{n}.weight" for n, _ in linear_modules(module)}
-    set_linear_storage(module, precision.is_fp8)
     with torch.no_grad():
-        for mod_name, mod in module.named_modules():
-            skip = getattr(mod, "_non_persistent_buffers_set", set())
-            for pname, p in mod._parameters.items():
-                if p is not None and p.is_floating_point():
-                    full = f"{mod_name}.{pname}" if mod_name else pname
-                    dtype = target_dtype(full, p, precision, fp8_params)
-                    p.data = (quantize_linear_weight(mod, p.data.to(precision.compute)) if dtype == FP8
-                              else p.data.to(dtype))
-            for bname, b in list(mod._buffers.items()):
-                if b is not None and b.is_floating_point() and bname not in skip:
-                    mod._buffers[bname] = b.to(precision.compute)
+        for mod in module.modules():
+            if isinstance(mod, Fp8Linear) and mod.weight_scale is not None:  # back to full precision first
+                mod.weight.data, mod.weight_scale = mod.dequantized_weight(precision.compute), None
+            for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+                if t is not None:
+                    for attr, new in convert_tensor(mod, name, t.data, precision).items():
+                        set_tensor(mod, attr, new)
     return module

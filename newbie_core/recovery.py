@@ -63,3 +63,37 @@ def out_of_memory_error(stage: str, device: torch.device | str, hint: str) -> St
     """The error for an out-of-memory in `stage` once everything was released: what happened and `hint`."""
     return StageOutOfMemoryError(f"Out of memory in the {stage} stage on {device}; all models were released and "
                                  f"the device cache was cleared, so the next run starts clean. {hint}")
+
+
+# The one out-of-memory hint table. Stage keys as the pipeline names them; `{...}` fields are spelled per host
+# (`HOST_OPTIONS`), so the CLI names its flags and ComfyUI its node inputs and start options.
+STAGE_NAMES = {"text": "text encoding", "dit": "DiT sampling", "vae": "VAE decode"}
+LOW_VRAM_HINTS = {
+    "text": "Lower-memory options: {text_fp8}, {text_lowvram}, or a shorter prompt.",
+    "dit": "Lower-memory options: {dit_fp8}, {dit_lowvram}, a smaller image{size_extra}, batch 1{purge}.",
+    "vae": "Lower-memory options: {vae_tiled}, a smaller image{purge}{vae_lowvram}.",
+}
+HOST_OPTIONS = {
+    "cli": {
+        "text_fp8": "fp8_e4m3fn text precision (--precision text=fp8_e4m3fn)",
+        "text_lowvram": "the low-VRAM mode (--lowvram: streams the encoder's layers, under 2 GiB)",
+        "dit_fp8": "fp8_e4m3fn DiT precision (--precision dit=fp8_e4m3fn, under 4 GiB)",
+        "dit_lowvram": "the low-VRAM mode (--lowvram: streams DiT blocks, under 2 GiB at 1024²)",
+        "size_extra": "", "purge": "",
+        "vae_tiled": "tiled decoding (--tiled-decode, also part of --lowvram)", "vae_lowvram": "",
+    },
+    "comfyui": {
+        "text_fp8": "NewBie Text Encoder Loader precision fp8_e4m3fn",
+        "text_lowvram": "start ComfyUI with --lowvram",
+        "dit_fp8": "NewBie DiT Loader precision fp8_e4m3fn (half the memory)",
+        "dit_lowvram": "start ComfyUI with --lowvram (streams the DiT's weights)",
+        "size_extra": " (width/height)", "purge": ", a NewBie Memory Purge before this node",
+        "vae_tiled": "tiled on in NewBie VAE Decode (a full decode already retries in tiles down to 128 px)",
+        "vae_lowvram": ", or start ComfyUI with --lowvram",
+    },
+}
+
+
+def low_vram_hint(stage: str, host: str) -> str:
+    """The lower-memory options for `stage` (text, dit, vae) in the spelling of `host` (cli, comfyui)."""
+    return LOW_VRAM_HINTS[stage].format(**HOST_OPTIONS[host])

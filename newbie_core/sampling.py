@@ -26,7 +26,24 @@ from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
-SOLVERS = ("euler", "midpoint", "dpmpp_2m")
+
+
+@dataclass(frozen=True)
+class Solver:
+    """One entry of the solver registry: what `steps` means for it and how many model evaluations it makes."""
+
+    name: str
+    steps_are_intervals: bool  # dpmpp_2m: `steps` intervals; the fixed-grid solvers: `steps` grid points
+    evaluations_per_interval: int
+    description: str
+
+
+# The one solver registry: the CLI's choices, the sampler node's options and tooltips, and every step count.
+SOLVERS: dict[str, Solver] = {
+    "midpoint": Solver("midpoint", False, 2, "official demo: torchdiffeq midpoint, 2 evaluations per interval"),
+    "euler": Solver("euler", False, 1, "torchdiffeq euler, 1 evaluation per interval"),
+    "dpmpp_2m": Solver("dpmpp_2m", True, 1, "DPM-Solver++ 2M as the official 'dpm', 1 evaluation per interval"),
+}
 _ALIASES = {"dpm": "dpmpp_2m", "dpm++2m": "dpmpp_2m", "dpmpp2m": "dpmpp_2m"}
 # Official `sample_dpm`: NoiseScheduleFlow T = 1, t_end = 1 / total_N = 0.001 (in the solver's σ-like time).
 _DPM_T_START = 1.0
@@ -79,15 +96,17 @@ def time_grid(steps: int, shift: float) -> torch.Tensor:
     return t / (t + shift - shift * t)
 
 
+def intervals(steps: int, solver: str) -> int:
+    """Sampler intervals (progress ticks, callbacks) for `steps`: steps − 1 grid intervals, or steps for dpm++."""
+    steps, spec = _check_steps(steps), SOLVERS[_normalise_solver(solver)]
+    return steps if spec.steps_are_intervals else steps - 1
+
+
 def evaluations(steps: int, solver: str) -> int:
-    """Model evaluations (velocity_fn calls, each a CFG pair while guiding) that `sample` makes."""
-    steps = _check_steps(steps)
-    solver = _normalise_solver(solver)
-    if solver == "euler":
-        return steps - 1
-    if solver == "midpoint":
-        return 2 * (steps - 1)
-    return steps  # dpmpp_2m: one per interval; the last interval needs none, the first needs one extra
+    """Model evaluations (velocity_fn calls, each a CFG pair while guiding) that `sample` makes.
+
+    (dpmpp_2m: one per interval; its last interval needs none, its first one extra.)"""
+    return intervals(steps, solver) * SOLVERS[_normalise_solver(solver)].evaluations_per_interval
 
 
 class GuidedVelocity:

@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 ALIGN = 256  # bytes; every tensor starts at an aligned offset inside a slot
-EXTRA_TENSOR_ATTRS = ("weight_scale",)  # plain tensor attributes that travel with a block (fp8 scales)
 
 
 @dataclass
@@ -36,7 +35,7 @@ class _Entry:
 
     module: nn.Module
     name: str
-    kind: str  # "p" parameter, "b" buffer, "a" plain attribute
+    kind: str  # "p" parameter, "b" buffer
     host: torch.Tensor
     offset: int
 
@@ -54,7 +53,7 @@ def _align(n: int) -> int:
 
 
 def block_tensors(block: nn.Module) -> list[tuple[nn.Module, str, str, torch.Tensor]]:
-    """Every tensor a block owns: (module, name, kind, tensor) for parameters, buffers and fp8 scales."""
+    """Every tensor a block owns: (module, name, kind, tensor) for parameters and buffers (fp8 scales too)."""
     out = []
     for mod in block.modules():
         for name, p in mod._parameters.items():
@@ -63,10 +62,6 @@ def block_tensors(block: nn.Module) -> list[tuple[nn.Module, str, str, torch.Ten
         for name, b in mod._buffers.items():
             if b is not None:
                 out.append((mod, name, "b", b))
-        for name in EXTRA_TENSOR_ATTRS:
-            t = mod.__dict__.get(name)
-            if isinstance(t, torch.Tensor):
-                out.append((mod, name, "a", t))
     return out
 
 
@@ -99,10 +94,8 @@ def _bind(entries: list[_Entry], base: torch.Tensor | None) -> None:
         t = e.host if base is None else e.view_in(base)
         if e.kind == "p":
             e.module._parameters[e.name].data = t
-        elif e.kind == "b":
-            e.module._buffers[e.name] = t
         else:
-            e.module.__dict__[e.name] = t
+            e.module._buffers[e.name] = t
 
 
 class LayerStreamer:

@@ -68,6 +68,7 @@ def full_size_models(device: torch.device, tokenizer_paths: ModelPaths, seed: in
     from diffusers import AutoencoderKL
     from transformers import Gemma3TextConfig, Gemma3TextModel
 
+    from ..fp8 import make_fp8_capable
     from ..text.gemma import GEMMA3_4B_EXTRA, GemmaTextEncoder, build_hf_model, load_gemma
     from ..text.jina import JinaTextEncoder, _jina_model_class, load_jina
     from ..vae import FluxVAE, _build
@@ -82,6 +83,7 @@ def full_size_models(device: torch.device, tokenizer_paths: ModelPaths, seed: in
     gcfg._attn_implementation = "sdpa"
     sd = random_state_dict(_shapes(lambda: Gemma3TextModel(gcfg)), device, seed + 1)
     gemma = build_hf_model(Gemma3TextModel, gcfg, sd, DTYPE, "cpu", "random Gemma3-4B")
+    make_fp8_capable(gemma)
     tok = load_gemma(tokenizer_paths.gemma, dtype=torch.float32).tokenizer
     out["gemma"] = (GemmaTextEncoder(gemma, tok, gcfg.hidden_size, "random"), gemma)
 

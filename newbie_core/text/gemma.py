@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelFileError
+from ..fp8 import make_fp8_capable
 from ..files import describe_state_dict, read_under_prefix, require_exists
 from .prompts import GEMMA_SPEC, TextTokenizer, tokenize_batch
 from ..recovery import cleans_up_on_failure
@@ -241,6 +242,7 @@ def load_gemma(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     tokenizer.check_specials(GEMMA_SPEC)
     sd.pop("lm_head.weight", None)
     model = build_hf_model(Gemma3TextModel, config, sd, dtype, device, f"Gemma ({path})")
+    make_fp8_capable(model)  # fp8 storage (per-channel scales) available to every host
     logger.info("Loaded Gemma3 text encoder from %s (%d layers, hidden %d, %s).", path,
                 config.num_hidden_layers, config.hidden_size, dtype)
     return GemmaTextEncoder(model=model, tokenizer=tokenizer, hidden_size=config.hidden_size, source=str(path))

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from newbie_core.memory import EmbeddingCache, Ledger, StagedModel, file_identity
-from newbie_core.precision import Fp8StorageLinear, parse_precision
+from newbie_core.fp8 import Fp8Linear, make_fp8_capable
+from newbie_core.precision import parse_precision
 
 
 class Toy(nn.Module):
@@ -51,15 +52,18 @@ def test_fp8_storage_keeps_linear_weights_in_fp8_and_computes_in_bf16():
     m = Toy()
     x = torch.randn(3, 8)
     ref = m(x)
+    assert make_fp8_capable(m) == 1  # a plain nn.Linear becomes an Fp8Linear (same Parameters) once, at load
     staged = StagedModel("toy", m)
     staged.acquire("cpu", parse_precision("fp8_e4m3fn", "dit"))
-    assert m.lin.weight.dtype == torch.float8_e4m3fn and isinstance(m.lin, Fp8StorageLinear)
+    assert m.lin.weight.dtype == torch.float8_e4m3fn and isinstance(m.lin, Fp8Linear)
+    assert m.lin.weight_scale.shape == (m.lin.out_features,)
     assert m.lin.bias.dtype == torch.bfloat16 and m.norm.weight.dtype == torch.bfloat16
     out = m(x.bfloat16())
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).abs().max() < 0.25
     staged.release()
-    assert type(m.lin) is nn.Linear and m.lin.weight.dtype == torch.float32
+    assert m.lin.weight.dtype == torch.float32 and m.lin.weight_scale is None
+    assert torch.equal(m(x), ref), "released: the pristine fp32 weights again"
     assert staged.nbytes() == sum(t.numel() * 4 for t in list(m.parameters()) + list(m.buffers()))
 
 

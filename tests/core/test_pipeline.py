@@ -85,12 +85,12 @@ def test_size_not_multiple_of_16_is_refused_before_any_work(pipe):
 
 
 def test_out_of_memory_in_sampling_releases_models_and_explains(pipe, monkeypatch):
-    import newbie_core.pipeline as pl
+    import newbie_core.stages as stages
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(pl, "sample", oom)
+    monkeypatch.setattr(stages, "integrate", oom)
     pipe.precision_names.update(dit="bf16")
     with pytest.raises(StageOutOfMemoryError, match="DiT sampling stage.*fp8_e4m3fn"):
         pipe.generate("x", settings=GenerationSettings(seed=1, **SMALL))
