@@ -75,3 +75,31 @@ def _dit_file(src: str | Path) -> Path:
     if p.is_dir() and (p / "transformer").is_dir():
         return p / "transformer"
     return p
+
+
+class HostResident(nn.Module):
+    """Holds a submodule OUTSIDE the module tree, so device managers that walk `named_modules()` (ComfyUI's
+    ModelPatcher) neither move nor count it: the `CPU_ONLY` rule for hosts without `StagedModel`. Attribute
+    reads (`.weight`, `.embed_scale`) and calls go to the held module."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.__dict__["held"] = module
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["held"], name)
+
+    def forward(self, *args, **kwargs):
+        """The held module's forward."""
+        return self.__dict__["held"](*args, **kwargs)
+
+
+def keep_on_host(module: nn.Module, names: tuple[str, ...]) -> None:
+    """Replace each named submodule of `module` by a `HostResident` holding it (it stays where it is: the CPU)."""
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = module.get_submodule(parent) if parent else module
+        setattr(owner, child, HostResident(owner.get_submodule(child)))

@@ -73,11 +73,9 @@ def sample(host, cond: PromptEmbeddings, uncond: PromptEmbeddings, settings: Gen
     on `host.output_device`), the format of ComfyUI's LATENT. Size, caption width and the DiT's position
     table are checked before the DiT is placed on its device."""
     validate_size(settings.width, settings.height)
-    b, h, w = settings.batch, settings.height // VAE_SCALE_FACTOR, settings.width // VAE_SCALE_FACTOR
-    noise = make_noise(settings.seed, b, h, w, LATENT_CHANNELS)
     with host.measure("dit") as rec:
         try:
-            x = _sample_placed(host, cond, uncond, settings, noise, on_step)
+            x = _sample_placed(host, cond, uncond, settings, on_step)
         except BaseException as e:
             host.fail("dit", e)
         if rec is not None:
@@ -85,10 +83,11 @@ def sample(host, cond: PromptEmbeddings, uncond: PromptEmbeddings, settings: Gen
     return x
 
 
-def _sample_placed(host, cond, uncond, settings: GenerationSettings, noise: torch.Tensor, on_step) -> torch.Tensor:
-    # Its own frame: on failure every device tensor of the run (embedding copies, latents) is a local here, and
+def _sample_placed(host, cond, uncond, settings: GenerationSettings, on_step) -> torch.Tensor:
+    # Its own frame: on failure every tensor of the run (noise, embedding copies, latents) is a local here, and
     # the host's `fail` frees them all (recovery.release_failure) before the error leaves the stage.
-    b, _, h, w = noise.shape
+    b, h, w = settings.batch, settings.height // VAE_SCALE_FACTOR, settings.width // VAE_SCALE_FACTOR
+    noise = make_noise(settings.seed, b, h, w, LATENT_CHANNELS)
     dit = host.peek("dit")
     dit.check_size(h, w)
     check_conditioning(dit.config, cond, uncond)  # encoders of another width: say so before loading

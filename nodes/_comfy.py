@@ -5,9 +5,11 @@ A ComfyUI API change should be a one-file fix here. Everything model-related com
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 import os
 import weakref
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -17,17 +19,23 @@ import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.ops
 import comfy.supported_models
 import comfy.utils
 import folder_paths
 import latent_preview
 
 from ..newbie_core import checkpoints
+from ..newbie_core import ops as core_ops
 from ..newbie_core.dit import NextDiT
+from ..newbie_core.fp8 import Fp8Linear, enable_fp8_matmul, fp8_matmul_supported, linear_forward, quantize_weight
 from ..newbie_core.files import missing_file_error
-from ..newbie_core.memory import empty_device_cache, is_out_of_memory
-from ..newbie_core.precision import Precision
-from ..newbie_core.recovery import cleans_up_on_failure, out_of_memory_error, release_failure
+from ..newbie_core.loading import keep_on_host
+from ..newbie_core.memory import empty_device_cache, file_identity, is_out_of_memory
+from ..newbie_core.pipeline import compile_dit
+from ..newbie_core.precision import Precision, cast_module, parse_precision
+from ..newbie_core.recovery import (STAGE_NAMES, cleans_up_on_failure, low_vram_hint, out_of_memory_error,
+                                    release_failure)
 
 log = logging.getLogger("newbie")
 DEVICE_CHOICES = ["default", "cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -152,9 +160,68 @@ def resolve_attention(name: str):
     return partial(attention, backend=name)
 
 
+_CAST_TAKES_OFFLOADABLE = "offloadable" in inspect.signature(comfy.ops.cast_bias_weight).parameters  # ComfyUI ≥ 0.4
+
+
+def _cast_for_call(layer, x):
+    """ComfyUI's per-call weight cast for a partially loaded layer (its offload stream where ComfyUI has one).
+    fp8 weights arrive still in fp8 (their scale is applied by `linear_forward`); others in the input's dtype."""
+    dtype = layer.weight.dtype if layer.weight_scale is not None else None
+    if _CAST_TAKES_OFFLOADABLE:
+        return comfy.ops.cast_bias_weight(layer, x, dtype=dtype, bias_dtype=x.dtype, offloadable=True)
+    weight, bias = comfy.ops.cast_bias_weight(layer, x, dtype=dtype, bias_dtype=x.dtype)
+    return weight, bias, None
+
+
+class NewBieOps(comfy.ops.disable_weight_init):
+    """ComfyUI operations for our DiT: the engine's `Fp8Linear` (same forward as the CLI: per-channel fp8
+    scales, fp8 tensor-core matmuls) made partially loadable by ComfyUI (`comfy_cast_weights`, patches), and the
+    engine's RMSNorm, so both hosts compute the same numbers."""
+
+    class Linear(Fp8Linear, comfy.ops.disable_weight_init.Linear):
+        """`Fp8Linear` + ComfyUI's cast/patch hooks (`convert_weight`/`set_weight`: ModelPatcher dequantises a
+        fp8 weight before adding a patch such as a LoRA, and re-quantises it after, new scales included)."""
+
+        def forward(self, x):  # noqa: D102
+            if self.comfy_cast_weights or self.weight_function or self.bias_function:
+                return self.forward_comfy_cast_weights(x)
+            return Fp8Linear.forward(self, x)
+
+        def forward_comfy_cast_weights(self, x):  # noqa: D102
+            weight, bias, stream = _cast_for_call(self, x)
+            out = linear_forward(x, weight, self.weight_scale, bias, self.fp8_matmul)
+            if stream is not None:
+                comfy.ops.uncast_bias_weight(self, weight, bias, stream)
+            return out
+
+        def convert_weight(self, weight, inplace=False, **kwargs):
+            """The weight ModelPatcher patches: dequantised (W8·s) when stored in fp8."""
+            if self.weight_scale is None:
+                return weight
+            s = self.weight_scale.to(weight.device, weight.dtype)[:, None]
+            return weight.mul_(s) if inplace else weight * s
+
+        def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+            """Store a patched full-precision weight: re-quantised with fresh per-channel scales under fp8."""
+            if self.weight_scale is None:
+                new = weight.to(self.weight.dtype)
+            else:
+                new, scale = quantize_weight(weight)
+                self.weight_scale = scale.to(self.weight_scale.device)
+            if return_weight:
+                return new
+            if inplace_update:
+                self.weight.data.copy_(new)
+            else:
+                self.weight = torch.nn.Parameter(new, requires_grad=False)
+
+    RMSNorm = core_ops.RMSNorm
+
+
 @cleans_up_on_failure
 def load_dit_patcher(path: Path, precision: Precision, attention: str, device: str = "default"):
-    """Load the DiT as a ComfyUI MODEL: comfy.ops operations (fp8 storage, low-VRAM streaming), ModelPatcher."""
+    """Load the DiT as a ComfyUI MODEL: `NewBieOps` layers (partial loading, patches), weights converted by the
+    engine's one rule (`cast_module`: fp8 with per-channel scales), a ModelPatcher."""
     sd, metadata, name = checkpoints.read_dit_state_dict(path)
     sd = checkpoints.to_official(sd, source=name)
     config = checkpoints.dit_config_from_state_dict(sd, metadata=metadata)
@@ -163,13 +230,17 @@ def load_dit_patcher(path: Path, precision: Precision, attention: str, device: s
     compute = precision.compute if precision.storage != precision.compute else None
     model_config = NewBieModelConfig({"image_model": "newbie", "newbie_config": config, "dtype": precision.storage,
                                       "attention": resolve_attention(attention)})
+    model_config.custom_operations = NewBieOps
     model_config.set_inference_dtype(precision.storage, compute)
     model = model_config.get_model({}, device="meta")  # only the DiT is built on meta; weights are assigned below
     dm = model.diffusion_model
     dm.compute_dtype = precision.compute
-    sd = {k: v.to(precision.storage) if v.is_floating_point() else v for k, v in sd.items()}
     checkpoints.check_keys(dm, sd, source=name)
     dm.load_state_dict(sd, strict=True, assign=True)
+    del sd
+    cast_module(dm, precision)
+    if precision.is_fp8 and fp8_matmul_supported(load_device):
+        enable_fp8_matmul(dm)
     model.to(offload_device)
     model.device = offload_device
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
@@ -186,10 +257,14 @@ class ModuleHolder(torch.nn.Module):
         self.inner = module
 
 
-def module_patcher(module: torch.nn.Module, kind: str, label: str, device: str = "default"):
-    """A plain ModelPatcher for a text encoder or the VAE, so ComfyUI's memory manager sees it."""
+def module_patcher(module: torch.nn.Module, kind: str, label: str, device: str = "default",
+                   cpu_only: tuple[str, ...] = ()):
+    """A plain ModelPatcher for a text encoder or the VAE, so ComfyUI's memory manager sees it. `cpu_only`
+    submodules (newbie_core.loading.CPU_ONLY: Gemma's embedding table) are held outside the patched tree:
+    never moved to the device and not counted in the model's size, as in the CLI host."""
     load = {"text": mm.text_encoder_device, "vae": mm.vae_device}[kind]()
     offload = {"text": mm.text_encoder_offload_device, "vae": mm.vae_offload_device}[kind]()
+    keep_on_host(module, cpu_only)
     module.to(offload)
     holder = ModuleHolder(module)
     patcher = comfy.model_patcher.ModelPatcher(holder, load_device=device_for(device, load), offload_device=offload)
@@ -271,30 +346,109 @@ def progress_bar(total: int):
 
 
 # ------------------------------------------------------------------------------------------- memory
-# What a ComfyUI user can change when a stage runs out of memory.
-LOW_VRAM_HINTS = {
-    "text encoding": "Lower-memory options: NewBie Text Encoder Loader precision fp8_e4m3fn, a shorter prompt, "
-                     "or start ComfyUI with --lowvram.",
-    "DiT sampling": "Lower-memory options: NewBie DiT Loader precision fp8_e4m3fn (half the memory), a smaller "
-                    "width/height or batch_size 1, a NewBie Memory Purge before the sampler, or start ComfyUI "
-                    "with --lowvram (streams the DiT's weights).",
-    "VAE decode": "Lower-memory options: tiled on in NewBie VAE Decode (a full decode already retries in tiles "
-                  "down to 128 px), a smaller image, a NewBie Memory Purge before the decode, or start ComfyUI "
-                  "with --lowvram.",
-}
-
-
 def fail_cleanly(exc: BaseException, stage: str, device) -> None:
     """Called by a node whose stage failed (any exception, cancel included): free what the failure still holds;
     after an out-of-memory also unload every model through ComfyUI, then raise the StageOutOfMemoryError that
-    lists the lower-memory options. Otherwise returns and the caller re-raises `exc` unchanged."""
+    lists the lower-memory options (`stage`: text, dit or vae). Otherwise returns; the caller re-raises `exc`."""
     oom = is_out_of_memory(exc)
     if oom:
         mm.unload_all_models()
     release_failure(exc, device)
     if oom:
         mm.soft_empty_cache(True)
-        raise out_of_memory_error(stage, device, LOW_VRAM_HINTS[stage]) from exc
+        raise out_of_memory_error(STAGE_NAMES[stage], device, low_vram_hint(stage, "comfyui")) from exc
+
+
+# --------------------------------------------------------------------------------------------- host
+_COMPILED: dict = {"dit": None, "forward": None}  # this host's one compiled-DiT slot (weakly holds its DiT)
+
+
+class ComfyHost:
+    """The ComfyUI host of `newbie_core.stages`: each role's ModelPatcher is placed by ComfyUI's memory
+    manager (`load_models_gpu`: evicts other models only as needed, partial loading under --lowvram);
+    progress bar + latent preview every sampler interval; ComfyUI's interrupt; the pack's messages on failure.
+
+    Built per node call from what the node received: `text_encoders` (NEWBIE_TEXT_ENCODERS), `model` (MODEL),
+    `vae` (NEWBIE_VAE) with the decode's `vae_precision`. Text encoders are unloaded after their stage unless
+    `keep_loaded`; the DiT and the VAE stay loaded for ComfyUI to evict when it needs the memory (as core does).
+    """
+
+    name = "comfyui"
+
+    def __init__(self, text_encoders=None, model=None, vae=None, vae_precision: Precision | None = None,
+                 keep_loaded: bool = False):
+        self.enc, self.model, self.vae, self.vae_precision = text_encoders, model, vae, vae_precision
+        self.keep_loaded = keep_loaded
+        self.output_device = mm.intermediate_device()
+
+    def _role(self, role: str):
+        if role == "gemma":
+            return self.enc.gemma_patcher, self.enc.gemma
+        if role == "jina":
+            return self.enc.jina_patcher, self.enc.jina
+        if role == "dit":
+            return self.model, self.model.model.diffusion_model
+        return self.vae.patcher, self.vae.vae
+
+    def device_of(self, role: str) -> torch.device:
+        """The patcher's load device."""
+        return self._role(role)[0].load_device
+
+    def precision(self, role: str) -> Precision:
+        """The loader's precision (the decode node's for the VAE)."""
+        if role in ("gemma", "jina"):
+            return parse_precision(self.enc.precision, role)
+        if role == "dit":
+            return parse_precision(self.model.model_options.get("newbie_precision", "bf16"), "dit")
+        return self.vae_precision
+
+    def peek(self, role: str):
+        """The role's module as loaded (on its offload device)."""
+        return self._role(role)[1]
+
+    @contextmanager
+    def placed(self, role: str, clear_cache: bool = True, memory_required: int = 0):
+        """Load the role's patcher through ComfyUI (text encoders and VAE whole, the DiT as ComfyUI decides);
+        afterwards unload the text encoders unless keep_loaded."""
+        patcher, wrapper = self._role(role)
+        if role == "vae":
+            recast(patcher, wrapper.model, self.vae_precision)
+        load_to_device([patcher], memory_required=memory_required, full=role != "dit")
+        try:
+            yield wrapper
+        finally:
+            if role in ("gemma", "jina") and not self.keep_loaded:
+                unload(patcher, clear_cache=clear_cache)
+
+    def dit_forward(self, dit):
+        """The DiT's official forward; compiled (the engine's one way) when the loader's compile is on."""
+        if not self.model.model_options.get("newbie_compile"):
+            return dit.velocity
+        held = _COMPILED["dit"]() if _COMPILED["dit"] is not None else None
+        if held is not dit:
+            _COMPILED["dit"], _COMPILED["forward"] = weakref.ref(dit), compile_dit(dit.velocity)
+        return _COMPILED["forward"]
+
+    def step_callback(self, intervals: int):
+        """Progress bar tick + latent preview per interval (each a cancel point)."""
+        return sampler_progress(self.model, intervals)
+
+    def check_interrupt(self) -> None:
+        """ComfyUI's Cancel."""
+        check_interrupt()
+
+    def measure(self, stage: str):
+        """ComfyUI times nodes itself."""
+        return nullcontext(None)
+
+    def text_identity(self) -> tuple:
+        """Encoder files and precision (a replaced file gives a new key)."""
+        return (tuple(file_identity(f) for f in self.enc.files), self.enc.precision)
+
+    def fail(self, stage: str, exc: BaseException):
+        """Free what the failure holds; after an out-of-memory unload every model and explain; re-raise."""
+        fail_cleanly(exc, stage, self.device_of({"text": "gemma"}.get(stage, stage)))
+        raise exc
 
 
 def purge_all() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..newbie_core.attention import flash_attn_available
-from ..newbie_core.loading import file_dtype
+from ..newbie_core.loading import CPU_ONLY, file_dtype
 from ..newbie_core.precision import cast_module, parse_precision
 from ..newbie_core.text.gemma import load_gemma
 from ..newbie_core.text.jina import load_jina
@@ -82,11 +82,14 @@ class NewBieTextEncoderLoader(io.ComfyNode):
         gprec, jprec = parse_precision(precision, "gemma"), parse_precision(precision, "jina")
         gemma = load_gemma(gpath, dtype=file_dtype(gpath), device="cpu")
         jina = load_jina(jpath, dtype=file_dtype(jpath), device="cpu")
+        # Gemma's embedding table stays on the CPU in its file dtype (as in the CLI host), the rest is cast
+        gemma_patcher = _comfy.module_patcher(gemma.model, "text", f"Gemma3 ({gpath.name})", device,
+                                              cpu_only=CPU_ONLY["gemma"])
         cast_module(gemma.model, gprec)
         cast_module(jina.model, jprec)
         enc = TextEncoders(
             gemma=gemma, jina=jina, precision=precision, files=(str(gpath), str(jpath)),
-            gemma_patcher=_comfy.module_patcher(gemma.model, "text", f"Gemma3 ({gpath.name})", device),
+            gemma_patcher=gemma_patcher,
             jina_patcher=_comfy.module_patcher(jina.model, "text", f"Jina CLIP v2 ({jpath.name})", device),
         )
         return io.NodeOutput(enc)

@@ -2,14 +2,12 @@
 renorm) on the NewBie MODEL; progress, previews and cancel every step; outputs a core LATENT."""
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
+from ..newbie_core import stages
 from ..newbie_core.errors import InputError
-from ..newbie_core.precision import check_finite
-from ..newbie_core.pipeline import check_conditioning, guided_velocity
-from ..newbie_core.sampling import SOLVERS, make_noise, sample, validate_size
-from ..newbie_core.vae import LATENT_CHANNELS, VAE_SCALE_FACTOR, unscale_latents
+from ..newbie_core.sampling import SOLVERS
+from ..newbie_core.vae import VAE_SCALE_FACTOR
 from . import _comfy
 from .text_encode import from_conditioning
 
@@ -36,8 +34,7 @@ class NewBieDiTSampler(io.ComfyNode):
                 io.Float.Input("shift", default=6.0, min=0.1, max=30.0, step=0.1,
                                tooltip="Time shift (6 = official)."),
                 io.Combo.Input("solver", options=list(SOLVERS), default="midpoint",
-                               tooltip="midpoint: official demo (2 evaluations per step); euler: 1; dpmpp_2m: "
-                                       "DPM-Solver++ 2M as the official 'dpm'."),
+                               tooltip="; ".join(f"{k}: {v.description}" for k, v in SOLVERS.items()) + "."),
                 io.Float.Input("cfg_trunc", default=0.25, min=0.0, max=100.0, step=0.01,
                                tooltip="Guide only while t < cfg_trunc (t: 0 = noise). 0.25 = demo (first ~2/3 "
                                        "of the steps guided; later steps run without the negative: faster). "
@@ -59,53 +56,12 @@ class NewBieDiTSampler(io.ComfyNode):
         if latent is not None:
             batch_size, _, lh, lw = latent["samples"].shape
             height, width = lh * VAE_SCALE_FACTOR, lw * VAE_SCALE_FACTOR
-        validate_size(width, height)
-        cond, uncond = from_conditioning(positive, "positive"), from_conditioning(negative, "negative")
-        b, h, w = batch_size, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR
-
-        dm = getattr(model.model, "diffusion_model", None)
-        if not isinstance(dm, _comfy.ComfyNewBieDiT):
+        if not isinstance(getattr(model.model, "diffusion_model", None), _comfy.ComfyNewBieDiT):
             raise InputError("This MODEL is not a NewBie DiT: load NewBie-Image-Exp0.1 with NewBie DiT Loader "
                              "and connect that to the sampler.")
-        dm.check_size(h, w)
-        check_conditioning(dm.config, cond, uncond)  # text encoders of another width: say so before loading
-        try:
-            samples = run_sampler(model, dm, cond, uncond, (seed, b, h, w), steps, cfg, shift, solver, cfg_trunc,
-                                  renorm)
-        except BaseException as e:  # OOM, cancel, NaN: free everything the run holds; OOM → unload + hint
-            _comfy.fail_cleanly(e, "DiT sampling", model.load_device)
-            raise
+        cond, uncond = from_conditioning(positive, "positive"), from_conditioning(negative, "negative")
+        settings = stages.GenerationSettings(width=width, height=height, steps=steps, cfg=cfg, shift=shift,
+                                             solver=solver, cfg_trunc=cfg_trunc, renorm=renorm, seed=seed,
+                                             batch=batch_size)
+        samples = stages.sample(_comfy.ComfyHost(model=model), cond, uncond, settings)
         return io.NodeOutput({"samples": samples})
-
-
-def run_sampler(model, dm, cond, uncond, shape, steps, cfg, shift, solver, cfg_trunc, renorm) -> torch.Tensor:
-    """Seeded noise of `shape` (seed, batch, latent h, latent w) → load the DiT through ComfyUI, sample, check for
-    NaN/inf; unscaled latents on the intermediate device.
-
-    Its own frame on purpose: when it fails, every tensor of the run is one of its locals, which the caller's
-    clean-up frees at once (newbie_core.recovery)."""
-    seed, b, h, w = shape
-    noise = make_noise(seed, b, h, w, LATENT_CHANNELS)
-    _comfy.load_to_device([model], memory_required=activation_bytes(dm, b, h, w, cond, uncond))
-    device, compute = model.load_device, dm.compute_dtype or torch.bfloat16
-    forward = compiled_velocity(dm) if model.model_options.get("newbie_compile") else dm.velocity
-    guided = guided_velocity(forward, dm, cond, uncond, b, device, compute, h, w, cfg, cfg_trunc, renorm)
-    intervals = steps if solver == "dpmpp_2m" else steps - 1
-    on_step = _comfy.sampler_progress(model, intervals)
-    x = sample(guided, noise.to(device), steps, solver, shift, callback=on_step)
-    check_finite(x, "DiT sampling", model.model_options.get("newbie_precision"))
-    return unscale_latents(x.float()).to(_comfy.intermediate_device())
-
-
-def activation_bytes(dm, b: int, h: int, w: int, cond, uncond) -> int:
-    """Rough activation memory for a CFG step, for ComfyUI's eviction decision (weights are counted by it)."""
-    tokens = 2 * b * (max(cond.cap_feats.shape[1], uncond.cap_feats.shape[1]) + (h // 2) * (w // 2))
-    return int(tokens * dm.config.dim * 2 * 12)
-
-
-def compiled_velocity(dm):
-    """torch.compile of the DiT's official forward, built once per model (static shapes, no host syncs)."""
-    if getattr(dm, "_newbie_compiled", None) is None:
-        dm._newbie_compiled = torch.compile(dm.velocity, dynamic=False)
-    return dm._newbie_compiled
-

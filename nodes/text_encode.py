@@ -1,13 +1,12 @@
 """NewBie Text Encode: positive + negative prompts → core CONDITIONING, through the prompt-embedding cache."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from comfy_api.latest import io, ui
 
-from ..newbie_core.memory import EmbeddingCache, file_identity
-from ..newbie_core.text.encode import PromptEmbeddings, encode_cached
+from ..newbie_core import stages
+from ..newbie_core.memory import EmbeddingCache
+from ..newbie_core.text.encode import PromptEmbeddings
 from ..newbie_core.text.prompts import SYSTEM_PROMPTS, looks_like_xml, resolve_system_prompt
 from ..newbie_core.text.xml_prompt import validate_xml_prompt
 from . import _comfy
@@ -75,37 +74,8 @@ class NewBieTextEncode(io.ComfyNode):
         for text in (positive, negative):  # malformed XML: an error with line and column, not a silent bad image
             if looks_like_xml(text) or (system == SYSTEM_PROMPTS["xml"] and text.lstrip().startswith("<")):
                 validate_xml_prompt(text)
-        embs, from_cache = encode_prompts_cached(text_encoders, [positive, negative], system, keep_loaded)
+        host = _comfy.ComfyHost(text_encoders=text_encoders, keep_loaded=keep_loaded)
+        embs, from_cache = stages.encode(host, EMBEDDING_CACHE, [positive, negative], system)
         note = f"{from_cache} of 2 prompts from cache; Gemma tokens: {[int(e.cap_mask.sum()) for e in embs]}"
         note += "".join(f"\n{which}: {n}" for which, e in zip(("positive", "negative"), embs) for n in e.notes)
         return io.NodeOutput(to_conditioning(embs[0]), to_conditioning(embs[1]), ui=ui.PreviewText(note))
-
-
-@contextmanager
-def on_device(patcher, encoder, keep_loaded: bool):
-    """`encoder` with its weights placed by ComfyUI; unloaded afterwards (also on failure) unless keep_loaded.
-    A cancel point. The device cache is not emptied here: once per encoding is enough (encode_prompts_cached)."""
-    _comfy.check_interrupt()
-    _comfy.load_to_device([patcher], full=True)
-    try:
-        yield encoder
-    finally:
-        if not keep_loaded:
-            _comfy.unload(patcher, clear_cache=False)
-
-
-def encode_prompts_cached(enc, prompts: list[str], system: str, keep_loaded: bool) -> tuple[list[PromptEmbeddings], int]:
-    """Encode prompts through EMBEDDING_CACHE (newbie_core's cached encoding); returns (embeddings, from cache)."""
-    identity = (tuple(file_identity(f) for f in enc.files), enc.precision)  # a replaced file → a new key
-    device = enc.gemma_patcher.load_device
-    try:
-        embs, encoded = encode_cached(prompts, system, EMBEDDING_CACHE, identity,
-                                      lambda: on_device(enc.gemma_patcher, enc.gemma, keep_loaded),
-                                      lambda: on_device(enc.jina_patcher, enc.jina, keep_loaded),
-                                      precision=enc.precision)
-    except BaseException as e:  # OOM, cancel, NaN: free what the failure holds; OOM → unload + hint
-        _comfy.fail_cleanly(e, "text encoding", device)
-        raise
-    if encoded and not keep_loaded:
-        _comfy.clear_device_cache(device)  # one garbage collection + cache clear per cache miss, not one per model
-    return embs, len(prompts) - encoded

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from ..newbie_core.precision import check_finite, parse_precision
-from ..newbie_core.vae import scale_latents
+from ..newbie_core import stages
+from ..newbie_core.precision import parse_precision
 from . import _comfy
 from .types import NEWBIE_VAE
 
@@ -33,25 +33,9 @@ class NewBieVAEDecode(io.ComfyNode):
     def execute(cls, vae, samples, precision, tiled) -> io.NodeOutput:
         name = vae.precision if precision == "auto" else precision
         prec = parse_precision(name, "vae", vae.patcher.load_device)
-        try:
-            out, used_tiled = run_decode(vae, samples["samples"], prec, tiled)
-        except BaseException as e:  # OOM even in small tiles, NaN, cancel: free it all; OOM → unload + hint
-            _comfy.fail_cleanly(e, "VAE decode", vae.patcher.load_device)
-            raise
+        host = _comfy.ComfyHost(vae=vae, vae_precision=prec)
+        images, used_tiled = stages.decode(host, samples["samples"], tiled)
+        out = images.permute(0, 2, 3, 1)
         note = f"decoded {tuple(out.shape[1:3])} in {prec.name}" + (
             "; tiled" if tiled else "; out of memory → decoded in tiles" if used_tiled else "")
         return io.NodeOutput(out, ui=ui.PreviewText(note))
-
-
-def run_decode(vae, samples, prec, tiled: bool):
-    """Decode (tiled on request; after an out-of-memory in a full decode automatically) and check for NaN/inf.
-    Returns (IMAGE [B,H,W,3] on the intermediate device, whether tiles were used)."""
-    _comfy.recast(vae.patcher, vae.vae.model, prec)
-    _comfy.load_to_device([vae.patcher], full=True)
-    latents = scale_latents(samples.float()).to(vae.patcher.load_device, prec.compute)
-    if tiled:
-        images, used_tiled = vae.vae.decode(latents, tiled=True), True
-    else:
-        images, used_tiled = vae.vae.decode_with_fallback(latents)
-    check_finite(images, "VAE decode", prec)
-    return images.float().permute(0, 2, 3, 1).to(_comfy.intermediate_device()), used_tiled

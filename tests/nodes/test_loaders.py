@@ -47,8 +47,13 @@ def test_dit_loader_fp8_stores_float8_and_computes_bf16(comfyui, pack, loaders):
     patcher = loaders.dit(precision="fp8_e4m3fn")
     dm = patcher.model.diffusion_model
     linears = [m for m in dm.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all(isinstance(m, comfy.ops.manual_cast.Linear) for m in linears)
+    # ComfyUI-castable (partial loading, patches) AND the engine's Fp8Linear (per-channel scales)
+    assert linears and all(isinstance(m, comfy.ops.CastWeightBiasOp) and isinstance(m, pack.newbie_core.fp8.Fp8Linear)
+                           for m in linears)
     assert {m.weight.dtype for m in linears} == {FP8}
+    assert all(m.weight_scale is not None and m.weight_scale.shape == (m.out_features,) for m in linears)
+    norms = [p for n, p in dm.named_parameters() if "norm" in n]
+    assert norms and {p.dtype for p in norms} == {torch.bfloat16}, "only Linear weights are fp8; norms compute dtype"
     assert dm.compute_dtype == torch.bfloat16
     # ...and it runs: one velocity evaluation, computed in bf16 from fp8 storage, finite
     cfg = dm.config
