@@ -6,7 +6,7 @@ query head i uses kv head i // (Hq/Hkv)), key_mask `[B,S]` (True = real token), 
 attends to its first n_i tokens: the DiT packs real tokens first, so no mask reaches the kernel) or None;
 scale 1/sqrt(Dh); non-causal. Returns `[B,Hq,S,Dh]`. Rows of padded *queries* are unspecified (never read).
 
-Backends (`set_attention_backend`): "auto" = flash-attn when the `flash_attn` package imports, the
+Backends (the `backend` argument, from the loader's choice): "auto" = flash-attn when the `flash_attn` package imports, the
 tensors are on CUDA and fp16/bf16, else SDPA; "sdpa"; "flash" (error if flash-attn is missing).
 flash-attn is never required. No path here syncs with the host (compile friendly).
 
@@ -27,25 +27,8 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "sdpa", "flash")
-_backend = "auto"
 _flash_module = None  # None = not tried yet, False = unavailable
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
-
-
-def set_attention_backend(name: str) -> None:
-    """Choose the backend used by `attention()`: "auto", "sdpa" or "flash"."""
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"Unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}.")
-    if name == "flash" and not flash_attn_available():
-        raise ImportError("attention backend 'flash' needs the flash-attn package (pip install flash-attn); "
-                          "use 'sdpa' or 'auto' instead.")
-    _backend = name
-
-
-def get_attention_backend() -> str:
-    """The backend name currently used by `attention()`."""
-    return _backend
 
 
 def _flash():
@@ -111,7 +94,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Non-causal multi-head attention with GQA and an optional key-padding mask (see module doc)."""
     if isinstance(key_mask, KeyPrefix):
         return prefix_attention(q, k, v, key_mask, lambda a, b, c: attention(a, b, c, None, backend))
-    backend = backend or _backend
+    backend = backend or "auto"
     if backend == "flash" or (backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
                               and flash_attn_available()):
         if not flash_attn_available():

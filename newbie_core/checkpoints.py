@@ -23,6 +23,7 @@ from typing import Mapping
 
 import torch
 
+from .dit_config import DiTConfig
 from .errors import ModelFileError
 from .files import (describe_state_dict, list_keys, read_safetensors, read_state_dict, require_exists,
                     safetensors_metadata, weight_files)
@@ -222,7 +223,6 @@ def dit_config_from_state_dict(sd: Mapping[str, torch.Tensor], metadata: Mapping
     The patch size comes from `x_embedder` width / `in_channels` (16, the FLUX latent). RoPE settings
     come from `metadata` (`newbie.axes_dims` etc., written by the tiny-model writer) or the module rule.
     """
-    from .dit import DiTConfig
 
     if DIFFUSERS_MARKER in sd or any(k.startswith(COMFY_PREFIX) for k in sd):
         sd = to_official(sd)

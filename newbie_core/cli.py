@@ -34,7 +34,10 @@ def _generate_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=18, help="time-grid points as in the official demo (N → N-1 intervals)")
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
     p.add_argument("--shift", type=float, default=6.0, help="time shift (default 6)")
-    p.add_argument("--solver", default="midpoint", choices=["euler", "midpoint", "dpmpp_2m"])
+    from .sampling import SOLVERS  # the one solver registry (node options, step counts)
+
+    p.add_argument("--solver", default="midpoint", choices=list(SOLVERS),
+                   help="; ".join(f"{k}: {v.description}" for k, v in SOLVERS.items()))
     p.add_argument("--cfg-trunc", type=float, default=0.25, help="guide only while t < this (t: 0 noise → 1 data)")
     p.add_argument("--renorm", type=float, default=0.0, help="cap guided velocity norm at this × cond norm (0 = off)")
     p.add_argument("--seed", type=int, default=0)

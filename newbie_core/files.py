@@ -192,7 +192,7 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     return files
 
 
-def read_state_dict(path: str | os.PathLike, allow_pickle_free_pth: bool = True) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a whole state dict from a file or a (sharded) folder onto the CPU.
 
     `.pth/.pt/.bin/.ckpt` files are read with `torch.load(weights_only=True)`, which refuses to run code.
@@ -201,7 +201,7 @@ def read_state_dict(path: str | os.PathLike, allow_pickle_free_pth: bool = True)
     for f in weight_files(path):
         if f.suffix in (".safetensors", ".sft"):
             out.update(read_safetensors(f))
-        elif allow_pickle_free_pth and f.suffix in WEIGHT_SUFFIXES:
+        elif f.suffix in WEIGHT_SUFFIXES:
             try:
                 sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
@@ -223,12 +223,6 @@ def _refused_pickle(path: Path, exc: Exception) -> ModelFileError:
                               f"nothing in it was run: model files are read as data only. Use a .safetensors file.")
     return ModelFileError(f"{path} is damaged: it cannot be read as a weights-only checkpoint ({text.splitlines()[0]}). "
                           f"Re-download it, or use a .safetensors file.")
-
-
-def strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """Keys under `prefix`, with it removed (other keys dropped)."""
-    n = len(prefix)
-    return {k[n:]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def describe_state_dict(keys: Iterable[str]) -> str:

@@ -23,7 +23,7 @@ from .memory import EmbeddingCache, Ledger, StagedModel, default_device, empty_d
 from .model_paths import ModelPaths
 from .precision import Precision, parse_precision
 from .recovery import STAGE_NAMES, low_vram_hint, out_of_memory_error, release_failure
-from .sampling import validate_size
+from .sizes import validate_size
 from .stages import GenerationSettings, check_conditioning, guided_velocity  # noqa: F401  (public re-exports)
 from .text.encode import PromptEmbeddings
 from .text.prompts import SYSTEM_PROMPTS

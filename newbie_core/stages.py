@@ -18,7 +18,8 @@ import torch
 
 from .errors import ModelFileError
 from .precision import check_finite
-from .sampling import GuidedVelocity, StepInfo, intervals, make_noise, validate_size
+from .sampling import GuidedVelocity, StepInfo, intervals, make_noise
+from .sizes import validate_size
 from .sampling import sample as integrate
 from .text.encode import PromptEmbeddings, concat_embeddings, encode_cached
 from .vae import LATENT_CHANNELS, VAE_SCALE_FACTOR, scale_latents, unscale_latents

@@ -69,7 +69,8 @@ def full_size_models(device: torch.device, tokenizer_paths: ModelPaths, seed: in
     from transformers import Gemma3TextConfig, Gemma3TextModel
 
     from ..fp8 import make_fp8_capable
-    from ..text.gemma import GEMMA3_4B_EXTRA, GemmaTextEncoder, build_hf_model, load_gemma
+    from ..text.gemma import GEMMA3_4B_EXTRA, GemmaTextEncoder, load_gemma
+    from ..text.hf import build_hf_model
     from ..text.jina import JinaTextEncoder, _jina_model_class, load_jina
     from ..vae import FluxVAE, _build
 

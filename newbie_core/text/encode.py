@@ -54,10 +54,6 @@ class PromptEmbeddings:
             return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
         return replace(self, cap_feats=mv(self.cap_feats), cap_mask=mv(self.cap_mask), pooled=mv(self.pooled))
 
-    def trimmed(self) -> "PromptEmbeddings":
-        """A copy without trailing columns that are padding in every row."""
-        n = max(self.cap_lens) if self.batch_size else 0
-        return replace(self, cap_feats=self.cap_feats[:, :n], cap_mask=self.cap_mask[:, :n])
 
 
 def encode_prompts(gemma, jina, prompts: list[str], system_prompt: str | None = "") -> PromptEmbeddings:

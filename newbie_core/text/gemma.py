@@ -24,14 +24,13 @@ import torch.nn.functional as F
 
 from ..errors import ModelFileError
 from ..fp8 import make_fp8_capable
+from .hf import SPIECE_KEY, build_hf_model
 from ..files import describe_state_dict, read_under_prefix, require_exists
 from .prompts import GEMMA_SPEC, TextTokenizer, tokenize_batch
 from ..recovery import cleans_up_on_failure
 
 logger = logging.getLogger(__name__)
 
-SPIECE_KEY = "spiece_model"
-_DERIVED = (".inv_freq", "position_ids", "_cos_cached", "_sin_cached", "lora_dropout_mask")
 _PROBE = "layers.0.self_attn.q_norm.weight"  # Gemma 3 has q/k norms; Gemma 2 and Llama do not
 # Values of google/gemma-3-4b-it that tensor shapes cannot tell (its config.json + Gemma3TextConfig defaults).
 GEMMA3_4B_EXTRA = {
@@ -46,42 +45,6 @@ GEMMA3_4B_EXTRA = {
 }
 GEMMA3_4B_SHAPES = {"vocab_size": 262_208, "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
                     "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256}
-
-
-def build_hf_model(model_cls, config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, device, what: str):
-    """Instantiate a transformers model on the meta device and fill it with `state_dict` (no random init).
-
-    `state_dict` is consumed (cast to `dtype` in place). Non-persistent buffers (RoPE tables, embedding
-    scales) are then computed by the model's own `_init_weights`. Raises ModelFileError listing
-    missing/unexpected tensors.
-    """
-    with torch.device("meta"):
-        model = model_cls(config)
-    for k in list(state_dict):  # cast in place: the caller's dict is consumed, peak memory stays ~1 copy
-        if k.endswith(_DERIVED):  # caches some savers include; recomputed below
-            del state_dict[k]
-        elif state_dict[k].is_floating_point():
-            state_dict[k] = state_dict[k].to(dtype)
-    result = model.load_state_dict(state_dict, strict=False, assign=True)
-    if result.missing_keys or result.unexpected_keys:
-        raise ModelFileError(
-            f"{what}: the weights do not fit the model built from its config "
-            f"(missing {sorted(result.missing_keys)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}). "
-            f"The file is incomplete or is another model."
-        )
-    for p in model.parameters():
-        p._is_hf_initialized = True  # transformers' init functions skip flagged tensors
-    for mod in model.modules():
-        names = [n for n in getattr(mod, "_non_persistent_buffers_set", ()) if getattr(mod, n, None) is not None]
-        if names:
-            for n in names:
-                setattr(mod, n, torch.empty_like(getattr(mod, n), device="cpu"))
-            model._init_weights(mod)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise RuntimeError(f"{what}: tensors left uninitialised after loading: {left[:5]}")
-    model.eval().requires_grad_(False)
-    return model.to(device)
 
 
 def _text_prefix(keys: list[str], path: Path) -> str:

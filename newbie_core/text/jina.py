@@ -30,7 +30,7 @@ import torch
 
 from ..errors import ModelFileError
 from ..files import describe_state_dict, read_under_prefix, require_exists
-from .gemma import SPIECE_KEY, build_hf_model
+from .hf import SPIECE_KEY, build_hf_model
 from ..recovery import cleans_up_on_failure
 from .prompts import JINA_SPEC, TextTokenizer, tokenize_batch
 

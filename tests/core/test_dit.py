@@ -223,14 +223,6 @@ def test_flash_backend_logic_with_fake_kernel(monkeypatch):
     torch.testing.assert_close(attention(q, k, v, backend="flash"), sdpa_attention(q, k, v))
 
 
-def test_attention_backend_switch():
-    attn_mod.set_attention_backend("sdpa")
-    assert attn_mod.get_attention_backend() == "sdpa"
-    attn_mod.set_attention_backend("auto")
-    with pytest.raises(ValueError):
-        attn_mod.set_attention_backend("xformers")
-
-
 def test_rope_matches_complex_rotation():
     pos = torch.tensor([[[0, 0, 0], [3, 1, 2], [17, 5, 9]]])
     cos, sin = rope_cos_sin(pos, (4, 6, 6))

@@ -19,7 +19,7 @@ from newbie_core.errors import InputError, InterruptedByUser, ModelFileError, Nu
 from newbie_core.memory import rss_bytes
 from newbie_core.model_paths import ModelPaths
 from newbie_core.pipeline import GenerationSettings, Pipeline
-from newbie_core.sampling import nearest_valid_size, validate_size
+from newbie_core.sizes import nearest_valid_size, validate_size
 from newbie_core.tiny.dit import TINY_DIT_CONFIG, tiny_dit_state_dict
 
 FP32 = {"dit": "fp32", "text": "fp32", "vae": "fp32"}

@@ -8,7 +8,8 @@ import torch
 
 from newbie_core import sampling
 from newbie_core.errors import InputError, InterruptedByUser
-from newbie_core.sampling import GuidedVelocity, StepInfo, evaluations, make_noise, sample, time_grid, validate_size
+from newbie_core.sampling import GuidedVelocity, StepInfo, evaluations, make_noise, sample, time_grid
+from newbie_core.sizes import validate_size
 
 # --------------------------------------------------------------------------------------------------------------
 # Reference numbers from the OFFICIAL code (NewBieAI-Lab/NewBie-image-Exp0.1 `transport/`, torchdiffeq 0.2.5),
