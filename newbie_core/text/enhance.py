@@ -143,6 +143,12 @@ def _error_at(prompt: str, offset: int, what: str) -> str:
     return f"XML prompt error at line {line}, column {col}: {what}\n  {text}\n  {' ' * (col - 1)}^"
 
 
+def _find_tag(prompt: str, name: str, start: int) -> int:
+    """Offset of the next `<name` opening tag (not a longer name) from `start`; `start` when none."""
+    m = re.compile(rf"<{re.escape(name)}(?![\w.-])").search(prompt, start)
+    return m.start() if m else start
+
+
 def lint_structure(prompt: str, characters: int = 0) -> str:
     """Schema errors of a syntactically valid XML prompt ("" when none): unknown blocks or fields, text outside
     a field, a character without `<n>`/`<gender>`, characters not numbered 1..N, a count other than
@@ -155,8 +161,8 @@ def lint_structure(prompt: str, characters: int = 0) -> str:
         return _error_at(prompt, 0, "no <character_1> or <general_tags> block: this is not a NewBie XML prompt.")
     cursor, n_chars, seen_general = 0, 0, False
     for b in blocks:
-        at = prompt.find(f"<{b.tag}", cursor)
-        cursor = max(at, cursor)
+        at = _find_tag(prompt, b.tag, cursor)
+        cursor = at + 1
         if (b.text or "").strip():
             return _error_at(prompt, at, f"text outside a field in <{b.tag}>: put it inside a field tag.")
         if re.fullmatch(r"character_\d+", b.tag):
@@ -176,7 +182,7 @@ def lint_structure(prompt: str, characters: int = 0) -> str:
         else:
             return _error_at(prompt, at, f"unknown block <{b.tag}>: use <character_N> and <general_tags>.")
         for f in b:
-            f_at = prompt.find(f"<{f.tag}", at)
+            f_at = _find_tag(prompt, f.tag, at + 1)
             if f.tag not in allowed:
                 return _error_at(prompt, f_at, f"unknown field <{f.tag}> in <{b.tag}>; allowed: {', '.join(allowed)}.")
             if len(f):
