@@ -137,3 +137,11 @@ def test_cancel_within_one_token_frees_the_run(gemma_f64_table):
     with generation_head(gemma_f64_table.model) as view:
         again = generate_ids(view, ids, SamplingSettings(max_new_tokens=8, temperature=0), []).ids
     assert again == full, "the next run is unaffected"
+
+
+def test_static_kv_cache_gives_the_same_greedy_tokens(gemma):
+    ids = prompt_ids(seed=7)
+    with generation_head(gemma.model) as view:
+        dynamic = generate_ids(view, ids, GREEDY, [1]).ids
+        static = generate_ids(view, ids, SamplingSettings(max_new_tokens=10, temperature=0, cache="static"), [1]).ids
+    assert static == dynamic
