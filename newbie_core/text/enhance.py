@@ -90,7 +90,7 @@ class EnhanceResult:
             lines.append(f"{self.mode}: converted without Gemma")
         elif not self.from_cache:
             lines.append(f"{self.mode}: {self.new_tokens} new tokens in {self.seconds:.2f} s "
-                         f"({self.tokens_per_s:.1f} tokens/s, first token after {self.first_token_s:.2f} s)")
+                         f"(first token after {self.first_token_s:.2f} s, then {self.tokens_per_s:.1f} tokens/s)")
         if self.cut:
             lines.append("the reply reached max_new_tokens and was cut: raise max_new_tokens")
         if self.repaired:

@@ -191,6 +191,8 @@ def test_cli_enhance_prints_prompt_and_report(tiny_models, capsys, monkeypatch, 
     assert out["new_tokens"] <= 8 and not out["from_cache"]
     assert main(argv) == 3 and json.loads(capsys.readouterr().out)["from_cache"], "second run: from the file cache"
     assert (tmp_path / "newbie" / "enhance_cache.json").is_file()
+    low = main(argv[:-1] + ["--lowvram", "--no-cache", "--max-new-tokens", "2"])  # streamed layers, head on the CPU
+    assert low == 3 and "new tokens" in capsys.readouterr().err
     assert main(["enhance", GOOD, "--mode", "to-tags"]) == 0
     assert capsys.readouterr().out.strip() == "1girl, solo, long_hair"
 
