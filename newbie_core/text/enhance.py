@@ -287,8 +287,11 @@ def enhance(text: str, settings: EnhanceSettings, session: Callable[[], Abstract
     text = "" if text is None else str(text)
     if not text.strip():
         raise InputError("The idea is empty: write an idea, a tag list or an XML prompt to enhance.")
-    if settings.characters < 0 or settings.sampling.max_new_tokens < 1:
-        raise InputError("characters must be ≥ 0 and max_new_tokens ≥ 1.")
+    s = settings.sampling
+    if settings.characters < 0 or s.max_new_tokens < 1 or s.temperature < 0 or not 0 < s.top_p <= 1:
+        raise InputError(f"Prompt enhance settings out of range (characters {settings.characters}, max_new_tokens "
+                         f"{s.max_new_tokens}, temperature {s.temperature}, top_p {s.top_p}): characters ≥ 0, "
+                         f"max_new_tokens ≥ 1, temperature ≥ 0 (0 = greedy), 0 < top_p ≤ 1.")
     if mode == TO_TAGS:
         return EnhanceResult(prompt=xml_to_tags(text), valid=True, mode=mode, used_model=False)
     key = PromptCache.make_key(text, settings, identity)

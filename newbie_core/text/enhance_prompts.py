@@ -147,8 +147,9 @@ def user_message(mode: str, text: str, characters: int = 0) -> str:
                "details (hair, eyes, clothing, background) only where it leaves them open.")
         return f"{ask}{hint}\n\nIdea: {text.strip()}"
     if mode == TAGS:
-        ask = ("Sort these Danbooru tags into the NewBie XML prompt. Use every tag once, in the field it belongs "
-               "to; add only <n>, <gender>, <count> and <position> values.")
+        ask = ("Sort these Danbooru tags into the NewBie XML prompt. Put every tag in the field it belongs to (a "
+               "tag that fits several characters goes to each of them); add only <n>, <gender>, <count> and "
+               "<position> values.")
         return f"{ask}{hint}\n\nTags: {text.strip()}"
     if mode == REFINE:
         ask = ("Improve this NewBie XML prompt: fix its structure, write every value as Danbooru tags, move tags "

@@ -15,7 +15,8 @@ and head are set per call by `generation_head`, from the encoder's embedding tab
 Decoding is transformers' `generate` (dynamic KV cache by default; `static` uses its compiled static-cache
 path on CUDA). A StoppingCriteria calls the host's `on_token(done, limit)` after every token: raising there
 (ComfyUI's interrupt, `InterruptedByUser`) stops the run within one token. Sampling is seeded inside a forked
-RNG scope (the global generators are restored afterwards); temperature 0 is greedy.
+RNG scope (the global generators are restored afterwards); temperature 0 is greedy. Non-finite first-token
+logits (fp16 overflow) raise NumericalError.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..precision import check_finite
 
 _VIEWS: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
 
@@ -165,6 +168,20 @@ class _TokenHook:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+class _FirstLogitsFinite:
+    """A LogitsProcessor: the first token's logits must be finite (fp16 overflow shows there); checked once,
+    so decoding keeps running without a host sync per token."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.name, self.checked = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32"), False
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.checked:
+            self.checked = True
+            check_finite(scores, "prompt enhance (Gemma)", self.name)
+        return scores
+
+
 def _generation_config(s: SamplingSettings, stop_ids: list[int], pad_id: int):
     from transformers import GenerationConfig
 
@@ -198,7 +215,7 @@ def generate_ids(view: nn.Module, prompt_ids: list[int], settings: SamplingSetti
     token; an exception raised there ends the run (cancel within one token). `sync`: synchronise the device
     for exact first-token timing (benchmarks).
     """
-    from transformers import StoppingCriteriaList
+    from transformers import LogitsProcessorList, StoppingCriteriaList
 
     device = view.device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
@@ -207,6 +224,7 @@ def generate_ids(view: nn.Module, prompt_ids: list[int], settings: SamplingSetti
     t0 = time.perf_counter()
     with seeded(settings.seed, device):
         out = view.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                            logits_processor=LogitsProcessorList([_FirstLogitsFinite(view.dtype)]),
                             stopping_criteria=StoppingCriteriaList([hook]))
     new = out[0, len(prompt_ids):].tolist()
     seconds = time.perf_counter() - t0

@@ -176,8 +176,11 @@ def test_cache_hit_skips_loading_gemma(gemma, monkeypatch, tmp_path):
 def test_bad_requests_are_input_errors(gemma):
     with pytest.raises(InputError, match="idea is empty"):
         enhance("  ", FAST, Sessions(gemma))
-    with pytest.raises(InputError, match="max_new_tokens"):
-        enhance("x", EnhanceSettings(sampling=SamplingSettings(max_new_tokens=0)), Sessions(gemma))
+    for bad in (dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5)):
+        sessions = Sessions(gemma)
+        with pytest.raises(InputError, match="out of range"):
+            enhance("x", EnhanceSettings(sampling=SamplingSettings(**bad)), sessions)
+        assert sessions.entered == 0, "refused before Gemma is placed"
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

@@ -145,3 +145,13 @@ def test_static_kv_cache_gives_the_same_greedy_tokens(gemma):
         dynamic = generate_ids(view, ids, GREEDY, [1]).ids
         static = generate_ids(view, ids, SamplingSettings(max_new_tokens=10, temperature=0, cache="static"), [1]).ids
     assert static == dynamic
+
+
+def test_overflowing_logits_are_a_numerical_error(gemma_f64_table):
+    from newbie_core.errors import NumericalError
+
+    with generation_head(gemma_f64_table.model) as view:
+        view.lm_head.table[5, 0] = float("nan")  # the generation-only copy: the encoder's table is untouched
+        with pytest.raises(NumericalError, match="prompt enhance"):
+            generate_ids(view, prompt_ids(), GREEDY, [1])
+    assert torch.isfinite(gemma_f64_table.model.embed_tokens.weight).all()
