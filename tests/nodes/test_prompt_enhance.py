@@ -89,3 +89,33 @@ def test_out_of_memory_gives_the_packs_message(node, comfyui, pack, text_encoder
     assert isinstance(e.value, pack.newbie_core.errors.StageOutOfMemoryError)
     assert "text encoding" in str(e.value) and "fp8_e4m3fn" in str(e.value)
     assert not comfyui.mm.current_loaded_models
+
+
+def test_fp8_gemma_generates_with_its_bf16_table_as_the_head(node, loaders, monkeypatch):
+    """fp8 storage (Linear weights fp8, the embedding table bf16): the view computes in bf16 and its head is
+    the table itself, not a copy."""
+    enc = loaders.text_encoders(precision="fp8_e4m3fn")
+    assert enc.gemma.model.layers[0].mlp.up_proj.weight.dtype == torch.float8_e4m3fn
+    heads = []
+    real = node.enhance.__globals__["generation_head"]
+
+    def spy(model, head_on_cpu=False):
+        cm = real(model, head_on_cpu)
+        view = cm.__enter__()
+        heads.append((view.dtype, view.lm_head.table.data_ptr() == model.embed_tokens.weight.data_ptr()))
+        return _Entered(cm, view)
+
+    monkeypatch.setitem(node.enhance.__globals__, "generation_head", spy)
+    _, report, _ = run(node, enc, idea="fp8 idea")
+    assert heads and all(h == (torch.bfloat16, True) for h in heads) and "new tokens" in report
+
+
+class _Entered:
+    def __init__(self, cm, view):
+        self.cm, self.view = cm, view
+
+    def __enter__(self):
+        return self.view
+
+    def __exit__(self, *exc):
+        return self.cm.__exit__(*exc)
