@@ -148,6 +148,7 @@ def generation_head(text_model: nn.Module, head_on_cpu: bool = False) -> Iterato
         yield view
     finally:
         view.model.embed_tokens = view.lm_head = nn.Identity()
+        view.__dict__.pop("_cache", None)  # a static KV cache older transformers keep on the model
         del table
 
 
