@@ -1,6 +1,7 @@
-"""The `newbie` command: `generate` an image, `make-tiny` test models, `bench` the GPU paths.
+"""The `newbie` command: `generate` an image, `enhance` a prompt, `make-tiny` test models, `bench` the GPU paths.
 
     newbie generate --prompt "1girl, smile" --out out.png [--model-dir DIR] [--precision dit=bf16,vae=fp32]
+    newbie enhance "IDEA" [--mode idea|tags|refine|to-tags] [--seed N]   (cli_enhance.py)
     newbie make-tiny DIR
 
 Without a model, `generate` builds tiny random-weight models in a temporary folder and says so: the
@@ -16,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .cli_enhance import add_enhance_parser, add_generate_options, cmd_enhance, enhance_for_generate
 from .errors import NewBieError
 
 log = logging.getLogger("newbie")
@@ -53,6 +55,7 @@ def _generate_parser(sub) -> None:
                    help="with --lowvram: GiB of blocks that may stay on the GPU (faster; default: stream all)")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT (first image pays ~30 s)")
     p.add_argument("--json", action="store_true", help="print the ledger as JSON instead of a table")
+    add_generate_options(p)
 
 
 def _resolve_paths(args):
@@ -90,6 +93,8 @@ def cmd_generate(args) -> int:
     settings = GenerationSettings(width=args.width, height=args.height, steps=args.steps, cfg=args.cfg,
                                   shift=args.shift, solver=args.solver, cfg_trunc=args.cfg_trunc,
                                   renorm=args.renorm, seed=args.seed, batch=args.batch)
+    if args.enhance:  # Gemma writes the prompt first (printed); the text stage then reuses its placement
+        args.prompt = enhance_for_generate(pipe, args, tiny)
     system = resolve_system_prompt(args.system_prompt, args.prompt)
     result = pipe.generate(args.prompt, args.negative, settings, system_prompt=system,
                            tiled_decode=args.tiled_decode)
@@ -133,11 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("dir")
     t.add_argument("--seed", type=int, default=0)
     sub.add_parser("bench", help="GPU benchmark: newbie bench --help")
+    add_enhance_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.cmd == "generate":
             return cmd_generate(args)
+        if args.cmd == "enhance":
+            return cmd_enhance(args)
         return cmd_make_tiny(args)
     except NewBieError as e:
         print(f"error: {e}", file=sys.stderr)

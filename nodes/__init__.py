@@ -5,6 +5,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .loaders import NewBieDiTLoader, NewBieTextEncoderLoader, NewBieVAELoader
 from .memory_purge import NewBieMemoryPurge
+from .prompt_enhance import NewBiePromptEnhance
 from .sampler import NewBieDiTSampler
 from .text_encode import NewBieTextEncode
 from .vae_decode import NewBieVAEDecode
@@ -13,6 +14,7 @@ from .xml_prompt import NewBieXMLAssemble, NewBieXMLCharacter, NewBieXMLGeneralT
 NODES: list[type[io.ComfyNode]] = [
     NewBieDiTLoader, NewBieTextEncoderLoader, NewBieVAELoader, NewBieTextEncode, NewBieDiTSampler,
     NewBieVAEDecode, NewBieMemoryPurge, NewBieXMLCharacter, NewBieXMLGeneralTags, NewBieXMLAssemble,
+    NewBiePromptEnhance,
 ]
 
 

@@ -20,7 +20,7 @@ from workflow_convert import _has_control, ui_to_api, widget_inputs
 WORKFLOW_DIR = REPO_ROOT / "workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 EXPECTED_WORKFLOWS = {"newbie_basic_t2i", "newbie_xml_multi_character", "newbie_low_vram", "newbie_precision_swap",
-                      "newbie_interop_core_nodes"}
+                      "newbie_interop_core_nodes", "newbie_prompt_enhance"}
 NOTE_TYPES = {"Note", "MarkdownNote"}
 # The names users download (newbie_core/tiny/__init__.py); the only model names a workflow may use.
 MODEL_FILES = {
@@ -31,6 +31,7 @@ MODEL_FILES = {
 }
 MODEL_INPUTS = {"dit_name", "gemma_name", "jina_name", "vae_name"}
 TEST_SIZE, TEST_STEPS = 64, 3
+TEST_NEW_TOKENS = 16  # NewBie Prompt Enhance's reply length in CI (the tiny Gemma writes gibberish anyway)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -52,11 +53,14 @@ def is_sampler(class_type: str, object_info: dict) -> bool:
 
 
 def shrink(api: dict, object_info: dict, size: int = TEST_SIZE, steps: int = TEST_STEPS) -> list[tuple[int, int]]:
-    """Make a converted graph CI-sized: constant width/height/steps inputs of every sampler node are overridden.
+    """Make a converted graph CI-sized: constant width/height/steps inputs of every sampler node are overridden,
+    and so is every text generator's max_new_tokens.
 
     Returns the (width, height) of each patched sampler (the expected image sizes)."""
     sizes = []
     for node in api.values():
+        if isinstance(node["inputs"].get("max_new_tokens"), int):
+            node["inputs"]["max_new_tokens"] = TEST_NEW_TOKENS
         if not is_sampler(node["class_type"], object_info):
             continue
         inputs = node["inputs"]
