@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 EXIT_LINT_FAILED = 3
@@ -70,32 +69,20 @@ def _settings(mode, characters, max_new_tokens, temperature, top_p, seed, static
     return EnhanceSettings(mode=parse_mode(mode), characters=characters, sampling=sampling)
 
 
-@contextmanager
-def pipeline_session(pipe, keep: bool = False):
-    """The pipeline's Gemma placed on its device for the enhancement, as a ledger stage "enhance"; released
-    after unless `keep` (generate --enhance: the text stage that follows reuses the placement). A failure
-    releases everything the pipeline holds and turns out-of-memory into the text stage's message."""
-    was = pipe.keep_loaded
-    pipe.keep_loaded = was or keep
-    try:
-        with pipe.ledger.stage("enhance", pipe.device):
-            try:
-                with pipe._on_device("gemma") as gemma:
-                    yield gemma
-            except BaseException as e:
-                pipe._fail("text", e)
-    finally:
-        pipe.keep_loaded = was
-
-
 def run_enhance(pipe, idea: str, settings, gemma_path, keep: bool = False, use_cache: bool = True):
     """Enhance `idea` with the pipeline's Gemma (cache keyed on the Gemma file and text precision)."""
     from .memory import file_identity
-    from .text.enhance import PromptCache, enhance
+    from . import stages
+    from .text.enhance import PromptCache
 
     cache = PromptCache(path=cache_path()) if use_cache else None
     identity = (file_identity(gemma_path), pipe.precision_names["text"])
-    return enhance(idea, settings, lambda: pipeline_session(pipe, keep), identity, cache, head_on_cpu=pipe.lowvram)
+    was = pipe.keep_loaded
+    pipe.keep_loaded = was or keep  # generate --enhance: the text stage that follows reuses the placement
+    try:
+        return stages.enhance_prompt(pipe, cache, idea, settings, identity, head_on_cpu=pipe.lowvram)
+    finally:
+        pipe.keep_loaded = was
 
 
 def _gemma_path(args) -> tuple[Path, bool]:

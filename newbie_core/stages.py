@@ -186,3 +186,18 @@ def _decode_placed(host, latents: torch.Tensor, tiled: bool) -> tuple[torch.Tens
             images, used_tiled = vae.decode_with_fallback(z)
         check_finite(images, "VAE decode", precision)
         return images.float().to(host.output_device), used_tiled
+
+
+# --------------------------------------------------------------------------------------- prompt enhance
+def enhance_prompt(host, cache, idea: str, settings, identity: tuple,
+                   on_token: Callable[[int, int], None] | None = None, head_on_cpu: bool = False):
+    """Prompt enhancement (`text.enhance.enhance`) with the host's Gemma, placed like the text stage and
+    released after (unless the host keeps models loaded); a failure is the text stage's (`host.fail`)."""
+    from .text.enhance import enhance
+
+    try:
+        with host.measure("enhance"):
+            return enhance(idea, settings, lambda: _placed_checked(host, "gemma"), identity, cache, on_token,
+                           head_on_cpu=head_on_cpu)
+    except BaseException as e:  # OOM, cancel: the host frees what the failure holds and explains it
+        host.fail("text", e)

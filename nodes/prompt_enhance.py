@@ -1,12 +1,11 @@
 """NewBie Prompt Enhance: the loaded Gemma3-4B-it writes the NewBie XML prompt (newbie_core/text/enhance.py)."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 from comfy_api.latest import io, ui
 
+from ..newbie_core import stages
 from ..newbie_core.memory import file_identity
-from ..newbie_core.text.enhance import EnhanceSettings, PromptCache, enhance
+from ..newbie_core.text.enhance import EnhanceSettings, PromptCache
 from ..newbie_core.text.enhance_prompts import IDEA, MODES
 from ..newbie_core.text.lm import SamplingSettings
 from . import _comfy
@@ -70,23 +69,7 @@ class NewBiePromptEnhance(io.ComfyNode):
             _comfy.check_interrupt()
             bar.update_absolute(done, limit)
 
-        try:
-            result = enhance(idea, settings, lambda: on_device(enc, keep_loaded), identity, PROMPT_CACHE, on_token)
-        except BaseException as e:  # OOM, cancel: free what the failure holds; OOM → unload all + the pack's hint
-            _comfy.fail_cleanly(e, "text encoding", enc.gemma_patcher.load_device)
-            raise
+        host = _comfy.ComfyHost(text_encoders=enc, keep_loaded=keep_loaded)
+        result = stages.enhance_prompt(host, PROMPT_CACHE, idea, settings, identity, on_token)
         report = result.report()
         return io.NodeOutput(result.prompt, report, ui=ui.PreviewText(f"{report}\n\n{result.prompt}"))
-
-
-@contextmanager
-def on_device(enc, keep_loaded: bool):
-    """Gemma placed by ComfyUI's memory manager for the generation; unloaded afterwards (also on failure or
-    cancel) unless keep_loaded."""
-    _comfy.check_interrupt()
-    _comfy.load_to_device([enc.gemma_patcher], full=True)
-    try:
-        yield enc.gemma
-    finally:
-        if not keep_loaded:
-            _comfy.unload(enc.gemma_patcher)
