@@ -119,8 +119,9 @@ def apply_loras(model: nn.Module, loras: Iterable[tuple[LoraSpec, float]]) -> li
     for key, entries in grouped(sets).items():
         mod, name = _owner(model, key)
         param = getattr(mod, name)
-        new = merged_weight(param.data, entries)
-        if new is param.data:
+        data = param.data
+        new = merged_weight(data, entries)
+        if new is data:
             continue
         originals[key] = param
         setattr(mod, name, nn.Parameter(new, requires_grad=False))
