@@ -329,3 +329,71 @@ def test_cli_generate_with_lora_reports_and_changes_the_image(tiny_models, tmp_p
     loras = json.loads(cap.out)["loras"]
     assert [r["strength"] for r in loras] == [0.8, 0.0]
     assert (tmp_path / "a.png").read_bytes() != (tmp_path / "b.png").read_bytes()
+
+
+def test_cli_host_streamed_blocks_carry_the_patched_weights(tiny_models, tmp_path):
+    from newbie_core.loading import load_role
+    from newbie_core.memory import StagedModel
+    from newbie_core.model_paths import ModelPaths
+    from newbie_core.precision import parse_precision
+
+    path = write_tiny_lora(tmp_path / "l.safetensors", "comfy", seed=5)
+    loaded = load_role("dit", ModelPaths.from_dir(tiny_models["root"]), loras=[(path, 1.5)])
+    staged = StagedModel("dit", loaded.module, loaded.source, loaded.cpu_only, loaded.stream)
+    staged.acquire("cpu", parse_precision("fp32", "dit"), streaming=True, budget=0)
+    assert staged.streamer is not None
+    _close(_run(loaded.wrapper), _run(_model_from(_reference_sd([(path, 1.5)]))))
+    staged.release()
+
+
+def test_compiled_dit_follows_patches_without_graph_breaks(dit_file, tmp_path):
+    """fullgraph compile (no graph break); patching and unpatching need no recompile (weights are graph inputs)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    path = write_tiny_lora(tmp_path / "l.safetensors", "diffusers", seed=6)
+    model = load_dit(dit_file, dtype=torch.float32)
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    torch._dynamo.reset()
+    x, t, feats, mask, pooled = _inputs()
+    layout = model.prepare(mask, *x.shape[-2:])  # as the pipeline does: no host sync inside the graph
+
+    def call():
+        return compiled(x, t, feats, mask, pooled, layout=layout).double()
+    with torch.no_grad():
+        base = call()
+        assert torch.equal(base, _run(model)) and len(graphs) == 1
+        apply_loras(model, [(path, 1.0)])
+        patched = call()
+        assert len(graphs) == 1  # weights are graph inputs: a new patch set needs no recompile
+        _close(patched, _run(_model_from(_reference_sd([(path, 1.0)]))))
+        remove_loras(model)
+        assert torch.equal(call(), base)
+        assert len(graphs) == 1
+
+
+def test_loha_and_full_lokr_by_formula(dit_file, tmp_path):
+    """LyCORIS LoHa ((w1a@w1b)⊙(w2a@w2b) · alpha/r) and LoKr with two whole factors (alpha unused: scale 1)."""
+    g = torch.Generator().manual_seed(7)
+    sd = tiny_dit_state_dict()
+    w_out = sd["layers.1.attention.out.weight"]
+    w_ff = sd["layers.0.feed_forward.w2.weight"]  # 64 x ffn
+    r = 3
+    loha = {k: torch.randn(*s, generator=g) * 0.3 for k, s in (("hada_w1_a", (64, r)), ("hada_w1_b", (r, 64)),
+                                                            ("hada_w2_a", (64, r)), ("hada_w2_b", (r, 64)))}
+    lokr = {"lokr_w1": torch.randn(4, 2, generator=g), "lokr_w2": torch.randn(16, w_ff.shape[1] // 2, generator=g) * 0.05}
+    path = tmp_path / "lyco.safetensors"
+    tensors = {f"lycoris_layers_1_attention_out.{k}": v for k, v in loha.items()}
+    tensors["lycoris_layers_1_attention_out.alpha"] = torch.tensor(1.5)
+    tensors.update({f"lycoris_layers_0_feed_forward_w2.{k}": v for k, v in lokr.items()})
+    tensors["lycoris_layers_0_feed_forward_w2.alpha"] = torch.tensor(99.0)
+    save_file(tensors, str(path))
+    model = load_dit(dit_file, dtype=torch.float32, loras=[(path, 0.5)])
+    assert "LoHa/LoKr" in model.lora_reports[0].format
+    want_out = w_out + 0.5 * (1.5 / r) * (loha["hada_w1_a"] @ loha["hada_w1_b"]) * (loha["hada_w2_a"] @ loha["hada_w2_b"])
+    want_ff = w_ff + 0.5 * torch.kron(lokr["lokr_w1"], lokr["lokr_w2"])
+    torch.testing.assert_close(model.layers[1].attention.out.weight, want_out)
+    torch.testing.assert_close(model.layers[0].feed_forward.w2.weight, want_ff)
