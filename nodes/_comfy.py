@@ -411,12 +411,14 @@ def _install_lora_key_map() -> None:
 
     def model_lora_keys_unet(model, key_map={}):  # noqa: B006 - ComfyUI's own signature
         key_map = original(model, key_map)
-        if isinstance(model, NewBieBaseModel):
-            key_map.update(lora_key_map(model))
+        hook = getattr(model, "newbie_lora_key_map", None)  # an attribute, not isinstance: any copy of the pack
+        if callable(hook):
+            key_map.update(hook())
         return key_map
 
     model_lora_keys_unet.newbie_wrapped = True
     comfy.lora.model_lora_keys_unet = model_lora_keys_unet
 
 
+NewBieBaseModel.newbie_lora_key_map = lora_key_map
 _install_lora_key_map()
