@@ -335,7 +335,7 @@ def load_dit(source, dtype: torch.dtype = torch.bfloat16, device: torch.device |
     if loras:
         from .lora import patch_state_dict
 
-        sd, reports = patch_state_dict(sd, config, loras, dtype=dtype)
+        sd, reports = patch_state_dict(sd, config, loras, dtype=dtype, inplace=True)  # sd: our own dict
     sd = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in sd.items()}
     try:
         model.load_state_dict(sd, strict=True, assign=True)

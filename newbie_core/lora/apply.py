@@ -82,13 +82,16 @@ def merged_weight(weight: torch.Tensor, entries: Sequence[tuple[Term, float]],
 
 
 def patch_state_dict(sd: Mapping[str, torch.Tensor], config, loras: Iterable[tuple[LoraSpec, float]],
-                     dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], list[LoraReport]]:
+                     dtype: torch.dtype | None = None, inplace: bool = False
+                     ) -> tuple[dict[str, torch.Tensor], list[LoraReport]]:
     """An official-layout DiT state dict with the LoRAs merged (patched weights cast to `dtype` when given);
-    untouched tensors are the same objects. Returns (state dict, one report per LoRA)."""
+    untouched tensors are the same objects. `inplace`: replace the entries of `sd` itself (a dict the caller
+    owns), so each original weight can be freed as soon as its patched copy exists — the peak stays one weight
+    above the model instead of two models. Returns (state dict, one report per LoRA)."""
     sets = load_patch_sets(loras, TargetIndex.for_state_dict(sd, config))
-    out = dict(sd)
+    out = sd if inplace else dict(sd)
     for key, entries in grouped(sets).items():
-        out[key] = merged_weight(sd[key], entries, dtype)
+        out[key] = merged_weight(out[key], entries, dtype)
     return out, [ps.report for ps, _ in sets]
 
 

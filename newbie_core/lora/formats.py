@@ -75,6 +75,7 @@ class LoraFile:
     alpha: float | None = None        # file-wide alpha (metadata or adapter_config.json), or None
     alpha_source: str = ""            # where `alpha` came from
     rslora: bool = False              # PEFT use_rslora: scale = alpha / sqrt(r)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # PEFT per-module alphas (adapter_config.json)
     stray_keys: list[str] = field(default_factory=list)  # tensors matching no known suffix
 
 
@@ -156,7 +157,7 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
                 continue
             mod.kind = kind
             mod.tensors[role] = t
-    alpha, source, rslora = None, "", False
+    alpha, source, rslora, pattern = None, "", False, {}
     meta_alpha = _float(meta, "lora_alpha", "ss_network_alpha", "alpha")
     if meta_alpha is not None:
         alpha, source = meta_alpha, f"safetensors metadata (alpha {meta_alpha:g})"
@@ -169,9 +170,19 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
             alpha = float(cfg["lora_alpha"])
             source = f"{cfg_path.name} (lora_alpha {alpha:g}, r {cfg.get('r')})"
         rslora = bool(cfg.get("use_rslora", False))
+        pattern = {str(k): float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()}
     rslora = rslora or str(meta.get("use_rslora", "")).lower() == "true"
     family = max(set(families), key=families.count) if families else "unknown"
-    return LoraFile(str(file), list(modules.values()), family, meta, alpha, source, rslora, stray)
+    return LoraFile(str(file), list(modules.values()), family, meta, alpha, source, rslora=rslora,
+                    alpha_pattern=pattern, stray_keys=stray)
+
+
+def pattern_alpha(lora: LoraFile, module: str) -> float | None:
+    """The PEFT `alpha_pattern` entry for a module name (PEFT's rule: the pattern matches a name suffix)."""
+    for pattern, alpha in lora.alpha_pattern.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return alpha
+    return None
 
 
 def looks_like(keys: list[str]) -> str:

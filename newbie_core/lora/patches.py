@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelFileError
-from .formats import LoraFile, Module, looks_like
+from .formats import LoraFile, Module, looks_like, pattern_alpha
 from .mapping import Rows, TargetIndex
 
 log = logging.getLogger(__name__)
@@ -153,8 +153,12 @@ def build_patches(lora: LoraFile, index: TargetIndex) -> PatchSet:
                 f"{target.key} is {tuple(target.shape)}. The LoRA was trained for a different model size.")
         rank = _rank(mod)
         alpha = mod.alpha if mod.alpha is not None else lora.alpha
+        per_module = pattern_alpha(lora, mod.name) if mod.alpha is None and lora.alpha_pattern else None
         if mod.alpha is not None:
             sources.add("'.alpha' tensors")
+        elif per_module is not None:
+            alpha = per_module
+            sources.add("adapter_config.json alpha_pattern")
         elif lora.alpha is not None:
             sources.add(lora.alpha_source)
         if alpha is None or rank is None:

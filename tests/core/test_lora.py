@@ -124,21 +124,32 @@ def dit_file(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------------------------- PEFT (real)
-@pytest.fixture(scope="module")
-def peft_adapter(tmp_path_factory, dit_file):
+def _peft_adapter(out, dit_file, **config):
     peft = pytest.importorskip("peft")
     model = load_dit(dit_file, dtype=torch.float32)
-    cfg = peft.LoraConfig(r=4, lora_alpha=2, target_modules=PEFT_TARGETS, init_lora_weights=False)
+    cfg = peft.LoraConfig(target_modules=PEFT_TARGETS, init_lora_weights=False, **config)
     torch.manual_seed(0)
     pm = peft.get_peft_model(model, cfg)
     with torch.no_grad():  # make the deltas clearly visible
         for name, p in pm.named_parameters():
             if "lora_B" in name:
                 p.mul_(20)
-    out = tmp_path_factory.mktemp("peft") / "adapter"
     pm.save_pretrained(str(out))
     pm.eval()
     return out, _run(pm.base_model.model)
+
+
+@pytest.fixture(scope="module")
+def peft_adapter(tmp_path_factory, dit_file):
+    return _peft_adapter(tmp_path_factory.mktemp("peft") / "adapter", dit_file, r=4, lora_alpha=2)
+
+
+def test_peft_alpha_pattern_and_rslora(dit_file, tmp_path):
+    folder, peft_out = _peft_adapter(tmp_path / "adapter", dit_file, r=4, lora_alpha=2, use_rslora=True,
+                                     alpha_pattern={"attention.qkv": 16, "x_embedder": 0.5})
+    model = load_dit(dit_file, dtype=torch.float32, loras=[(folder, 1.0)])
+    assert "alpha_pattern" in model.lora_reports[0].alpha_source
+    _close(_run(model), peft_out)
 
 
 def test_peft_folder_matches_peft_forward(peft_adapter, dit_file):
