@@ -62,8 +62,9 @@ def grouped(sets: Sequence[tuple[PatchSet, float]]) -> dict[str, list[tuple[Term
 
 
 def merged_weight(weight: torch.Tensor, entries: Sequence[tuple[Term, float]],
-                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`weight` + Σ strength · scale · ΔW computed in fp32, returned in `out_dtype` (default: the weight's).
+                  out_dtype: torch.dtype | None = None, compute_device=None) -> torch.Tensor:
+    """`weight` + Σ strength · scale · ΔW computed in fp32, returned in `out_dtype` (default: the weight's) on the
+    weight's device. `compute_device`: where the fp32 sum is computed (e.g. a GPU while the weight stays on the CPU).
 
     When every strength is 0 the weight itself is returned (cast only if `out_dtype` differs): bitwise identity.
     """
@@ -74,24 +75,25 @@ def merged_weight(weight: torch.Tensor, entries: Sequence[tuple[Term, float]],
     if weight.dtype not in _FLOATS:
         raise InputError(f"LoRAs are added to full-precision weights, but this weight is {weight.dtype}. Apply the "
                          f"LoRA before converting the DiT to fp8 (load_dit(..., loras=...) or the pipeline's loras=).")
-    w = weight.to(torch.float32, copy=True)
+    w = weight.to(device=compute_device or weight.device, dtype=torch.float32, copy=True)
     for term, strength in live:
         view = w if term.rows is None else w.narrow(0, term.rows[0], term.rows[1])
         view.add_(term.delta(device=w.device), alpha=strength * term.scale)
-    return w.to(out_dtype)
+    return w.to(dtype=out_dtype).to(weight.device)
 
 
 def patch_state_dict(sd: Mapping[str, torch.Tensor], config, loras: Iterable[tuple[LoraSpec, float]],
-                     dtype: torch.dtype | None = None, inplace: bool = False
+                     dtype: torch.dtype | None = None, inplace: bool = False, compute_device=None
                      ) -> tuple[dict[str, torch.Tensor], list[LoraReport]]:
     """An official-layout DiT state dict with the LoRAs merged (patched weights cast to `dtype` when given);
     untouched tensors are the same objects. `inplace`: replace the entries of `sd` itself (a dict the caller
     owns), so each original weight can be freed as soon as its patched copy exists — the peak stays one weight
-    above the model instead of two models. Returns (state dict, one report per LoRA)."""
+    above the model instead of two models. `compute_device`: see `merged_weight`. Returns (state dict, one
+    report per LoRA)."""
     sets = load_patch_sets(loras, TargetIndex.for_state_dict(sd, config))
     out = sd if inplace else dict(sd)
     for key, entries in grouped(sets).items():
-        out[key] = merged_weight(out[key], entries, dtype)
+        out[key] = merged_weight(out[key], entries, dtype, compute_device)
     return out, [ps.report for ps, _ in sets]
 
 
