@@ -408,3 +408,19 @@ def test_loha_and_full_lokr_by_formula(dit_file, tmp_path):
     want_ff = w_ff + 0.5 * torch.kron(lokr["lokr_w1"], lokr["lokr_w2"])
     torch.testing.assert_close(model.layers[1].attention.out.weight, want_out)
     torch.testing.assert_close(model.layers[0].feed_forward.w2.weight, want_ff)
+
+
+def test_cli_missing_lora_is_a_clear_error_before_any_stage(tiny_models, tmp_path, capsys):
+    from newbie_core.cli import main
+
+    rc = main(["generate", "--prompt", "x", "--out", str(tmp_path / "x.png"), "--model-dir", str(tiny_models["root"]),
+               "--width", "64", "--height", "64", "--device", "cpu", "--lora", str(tmp_path / "nope.safetensors:0.5")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nope.safetensors does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_public_api_exposes_lora_functions():
+    import newbie_core
+
+    assert newbie_core.apply_loras is apply_loras and newbie_core.remove_loras is remove_loras
