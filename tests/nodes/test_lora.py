@@ -143,3 +143,27 @@ def test_fp8_model_with_lora(comfyui, pack, loaders, lora_files, comfy_models):
     if not (err < 0.25 * effect and err < 3 * plain_err):
         pytest.xfail(f"fp8 + LoRA in ComfyUI off by {err:.3g} (LoRA effect {effect:.3g}, fp8 alone {plain_err:.3g}): "
                      "needs the fp8 Linear as a comfy.ops subclass with convert_weight/set_weight (issue 10)")
+
+
+def test_partially_loaded_model_applies_the_lora_per_layer(comfyui, pack, dit, lora_files):
+    """ComfyUI's low-VRAM partial loading: weights left off the device get the patch at cast time (LowVramPatch)."""
+    patched = pack.nodes.lora.NewBieLoraLoader.execute(model=dit, lora_name=lora_files["diffusers"], strength=1.3).args[0]
+    dm = patched.model.diffusion_model
+    cfg = dm.config
+    g = torch.Generator().manual_seed(1)
+    args = (torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.6]), torch.randn(1, 5, cfg.cap_feat_dim, generator=g),
+            torch.ones(1, 5), torch.randn(1, cfg.clip_text_dim, generator=g))
+    with torch.no_grad():
+        comfyui.mm.load_models_gpu([patched])
+        full = dm.velocity(*args)
+        comfyui.mm.unload_all_models()
+        plain = dit.model.diffusion_model.velocity(*args)
+        patched.patch_model(device_to=patched.load_device, lowvram_model_memory=1)  # ~nothing resident
+        try:
+            lowvram = sum(bool(getattr(m, "weight_function", None)) for m in dm.modules())
+            partial = dm.velocity(*args)
+        finally:
+            patched.unpatch_model(patched.offload_device)
+    assert lowvram >= 20  # the patched Linears really went the per-layer way
+    torch.testing.assert_close(partial, full, atol=1e-5, rtol=1e-5)
+    assert (full - plain).abs().max() > 1e-2
