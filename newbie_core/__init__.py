@@ -3,6 +3,8 @@
 Public API (stable):
 
     load_dit(source, dtype=torch.bfloat16, device="cpu")      -> NextDiT; dit(x, t, cap_feats, cap_mask, pooled)
+    load_dit(source, ..., loras=[(path, strength), ...])     -> the same with LoRA/LoKr files merged
+    apply_loras(dit, [(path, strength)]) / remove_loras(dit)  -> patch / restore an already loaded DiT
     load_gemma(path, dtype, device) / load_jina(path, ...)    -> text encoders (.encode(texts))
     load_vae(path, dtype, device)                             -> FluxVAE (.decode(scaled_latents))
     Pipeline(ModelPaths.from_dir(dir)).generate(prompt, ...)  -> images, latents, per-stage ledger
@@ -24,7 +26,7 @@ _EXPORTS = {
     "sample": "sampling", "GuidedVelocity": "sampling", "make_noise": "sampling",
     "parse_precision": "precision", "Precision": "precision",
     "NewBieError": "errors", "ModelFileError": "errors", "InputError": "errors", "NumericalError": "errors",
-    "StageOutOfMemoryError": "errors",
+    "StageOutOfMemoryError": "errors", "apply_loras": "lora", "remove_loras": "lora",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -54,6 +54,9 @@ def _generate_parser(sub) -> None:
     p.add_argument("--vram-budget", type=float, default=None, metavar="GIB",
                    help="with --lowvram: GiB of blocks that may stay on the GPU (faster; default: stream all)")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT (first image pays ~30 s)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+                   help="LoRA/LoKr .safetensors (PEFT, LyCORIS, kohya, ComfyUI or diffusers keys) merged into the "
+                        "DiT at STRENGTH (default 1); repeat for several (their deltas add)")
     p.add_argument("--json", action="store_true", help="print the ledger as JSON instead of a table")
     add_generate_options(p)
 
@@ -87,9 +90,15 @@ def cmd_generate(args) -> int:
     from .text.prompts import resolve_system_prompt
 
     paths, tiny = _resolve_paths(args)
+    from .lora import parse_lora_arg
+
     budget = None if args.vram_budget is None else int(args.vram_budget * 2**30)
     pipe = Pipeline(paths, device=args.device, precision=parse_precision_spec(args.precision),
-                    lowvram=args.lowvram, vram_budget=budget, compile=args.compile)
+                    lowvram=args.lowvram, vram_budget=budget, compile=args.compile,
+                    loras=[parse_lora_arg(a) for a in args.lora])
+    lora_reports = pipe.lora_reports()  # reads and checks the LoRA files before any stage runs
+    for r in lora_reports:
+        print(f"LoRA {r.summary()}", file=sys.stderr)
     settings = GenerationSettings(width=args.width, height=args.height, steps=args.steps, cfg=args.cfg,
                                   shift=args.shift, solver=args.solver, cfg_trunc=args.cfg_trunc,
                                   renorm=args.renorm, seed=args.seed, batch=args.batch)
@@ -99,11 +108,13 @@ def cmd_generate(args) -> int:
     result = pipe.generate(args.prompt, args.negative, settings, system_prompt=system,
                            tiled_decode=args.tiled_decode)
     meta = {"prompt": args.prompt, "negative": args.negative, "settings": vars(settings),
-            "precision": pipe.precision_names, "random_weights": tiny}
+            "precision": pipe.precision_names, "random_weights": tiny,
+            "loras": [{"file": r.file, "strength": r.strength} for r in lora_reports]}
     written = save_png(result.images, args.out, meta)
     if args.json:
         print(json.dumps({"outputs": [str(w) for w in written], "ledger": result.ledger.as_list(),
-                          "notes": result.notes, "models": pipe.describe_models()}, indent=2))
+                          "notes": result.notes, "models": pipe.describe_models(),
+                          "loras": [vars(r) for r in lora_reports]}, indent=2))
     else:
         print(result.ledger.table())
         for w in written:

@@ -240,7 +240,7 @@ class NextDiT(nn.Module):
 
 @cleans_up_on_failure
 def load_dit(source, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu", operations=None,
-             attention: Callable | None = None) -> NextDiT:
+             attention: Callable | None = None, loras=()) -> NextDiT:
     """Load the NewBie DiT from a file, a folder or a state dict; eval mode, no grads.
 
     `attention`: a callable `(q, k, v, key_mask)` or a backend name ("auto", "sdpa", "flash").
@@ -249,6 +249,8 @@ def load_dit(source, dtype: torch.dtype = torch.bfloat16, device: torch.device |
     with `transformer/`, or the `transformer/` folder itself, sharded or not); or a state dict.
     Weights are cast to `dtype` and placed on `device`; the model is built on the meta device and the
     tensors are assigned (no second copy). Raises ModelFileError for missing or wrong files.
+    `loras`: [(LoRA/LoKr file, strength), …] merged into the weights in fp32 before the cast to `dtype`
+    (see `newbie_core.lora`); the per-file reports are kept as `model.lora_reports`.
     """
     from . import checkpoints
 
@@ -270,6 +272,11 @@ def load_dit(source, dtype: torch.dtype = torch.bfloat16, device: torch.device |
     with torch.device("meta"):
         model = NextDiT(config, operations=operations, attention=attention, dtype=dtype, device="meta")
     checkpoints.check_keys(model, sd, source=name)
+    reports = []
+    if loras:
+        from .lora import patch_state_dict
+
+        sd, reports = patch_state_dict(sd, config, loras, dtype=dtype, inplace=True)  # sd: our own dict
     sd = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in sd.items()}
     try:
         model.load_state_dict(sd, strict=True, assign=True)
@@ -278,5 +285,6 @@ def load_dit(source, dtype: torch.dtype = torch.bfloat16, device: torch.device |
 
         raise ModelFileError(f"{name}: tensor shapes do not fit the inferred DiT config ({e}).") from e
     model.eval().requires_grad_(False)
+    model.lora_reports = reports
     logger.info("Loaded NewBie DiT from %s: %s layers, dim %s, dtype %s", name, config.n_layers, config.dim, dtype)
     return model

@@ -43,14 +43,17 @@ class LoadedRole:
     stream: tuple[str, ...] = ()
 
 
-def load_role(role: str, paths: ModelPaths, attention: str = "auto") -> LoadedRole:
-    """Load `role` (dit, gemma, jina, vae) on the CPU in its file dtype."""
+def load_role(role: str, paths: ModelPaths, attention: str = "auto", loras=()) -> LoadedRole:
+    """Load `role` (dit, gemma, jina, vae) on the CPU in its file dtype.
+
+    `loras` (DiT only): [(file, strength), …] merged in fp32 into the weights read from disk, so the pristine
+    copy a StagedModel keeps is the patched one (fp8 is quantised and blocks are streamed from it)."""
     src = getattr(paths, role)
     extra = dict(source=str(src), cpu_only=CPU_ONLY.get(role, ()), stream=STREAMED_BLOCKS.get(role, ()))
     if role == "dit":
         from .dit import load_dit
 
-        dit = load_dit(src, dtype=file_dtype(_dit_file(src)), device="cpu", attention=attention)
+        dit = load_dit(src, dtype=file_dtype(_dit_file(src)), device="cpu", attention=attention, loras=loras)
         return LoadedRole(dit, dit, **extra)
     if role == "gemma":
         from .text.gemma import load_gemma

@@ -57,11 +57,12 @@ class Pipeline:
     def __init__(self, paths: ModelPaths, device: torch.device | str | None = None,
                  precision: dict[str, str] | None = None, keep_loaded: bool = False, attention: str = "auto",
                  cache: EmbeddingCache | None = None, lowvram: bool = False, vram_budget: int | None = None,
-                 compile: bool = False, fp8_matmul: bool = True):
+                 compile: bool = False, fp8_matmul: bool = True, loras=()):
         """`lowvram`: stream DiT/Gemma/Jina blocks from CPU memory and decode in tiles (peak < 2 GiB at 1024²);
         `vram_budget`: bytes of blocks low-VRAM mode may keep resident (None: stream all). `compile`:
         torch.compile the DiT forward (not with lowvram). `fp8_matmul`: under fp8 DiT precision, use fp8
-        tensor-core matmuls where the GPU has them (else fp8 is storage only)."""
+        tensor-core matmuls where the GPU has them (else fp8 is storage only). `loras`: [(LoRA/LoKr file,
+        strength), …] merged into the DiT's CPU copy when it is first loaded (reports: `lora_reports()`)."""
         self.paths = paths
         self.lowvram, self.vram_budget, self.compile, self.fp8_matmul = lowvram, vram_budget, compile, fp8_matmul
         self._compiled: tuple[object, Callable] | None = None  # (the DiT, its compiled forward): one slot
@@ -73,6 +74,7 @@ class Pipeline:
         self.ledger = Ledger()
         self._models: dict[str, StagedModel] = {}
         self._wrappers: dict[str, object] = {}
+        self.loras = list(loras)
 
     # ---------------------------------------------------------------- models
     def precision(self, stage: str) -> Precision:
@@ -88,10 +90,17 @@ class Pipeline:
     def _load(self, role: str) -> StagedModel:
         if role not in self._models:
             from .loading import load_role
-            loaded = load_role(role, self.paths, attention=self.attention)
+            loaded = load_role(role, self.paths, attention=self.attention, loras=self.loras if role == "dit" else ())
             self._wrappers[role] = loaded.wrapper
             self._models[role] = StagedModel(role, loaded.module, loaded.source, loaded.cpu_only, loaded.stream)
         return self._models[role]
+
+    def lora_reports(self) -> list:
+        """One `LoraReport` per LoRA of `loras` (loads the DiT to the CPU if it is not yet)."""
+        if not self.loras:
+            return []
+        self._load("dit")
+        return list(getattr(self._wrappers["dit"], "lora_reports", []))
 
     def adopt(self, role: str, wrapper, staged: StagedModel) -> None:
         """Use an already built model for `role` instead of reading its file (benchmarks, custom loaders).

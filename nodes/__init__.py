@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .loaders import NewBieDiTLoader, NewBieTextEncoderLoader, NewBieVAELoader
+from .lora import NewBieLoraLoader, NewBieLoraLoaderMulti
 from .memory_purge import NewBieMemoryPurge
 from .prompt_enhance import NewBiePromptEnhance
 from .sampler import NewBieDiTSampler
@@ -14,7 +15,7 @@ from .xml_prompt import NewBieXMLAssemble, NewBieXMLCharacter, NewBieXMLGeneralT
 NODES: list[type[io.ComfyNode]] = [
     NewBieDiTLoader, NewBieTextEncoderLoader, NewBieVAELoader, NewBieTextEncode, NewBieDiTSampler,
     NewBieVAEDecode, NewBieMemoryPurge, NewBieXMLCharacter, NewBieXMLGeneralTags, NewBieXMLAssemble,
-    NewBiePromptEnhance,
+    NewBiePromptEnhance, NewBieLoraLoader, NewBieLoraLoaderMulti,
 ]
 
 

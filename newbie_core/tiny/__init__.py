@@ -14,6 +14,7 @@ fixes the shared widths (the DiT's caption/CLIP widths must match the tiny encod
         text_encoders/gemma_3_4b_it_bf16.safetensors          (with embedded tokenizer)
         text_encoders/jina_clip_v2_bf16.safetensors           (LoRA pre-merged)
         vae/ae.safetensors                                    (BFL key names)
+        loras/newbie_example_lokr.safetensors                 (a LyCORIS LoKr, official trainer layout)
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ COMFY_DIT_NAME = "NewBie-Image-Exp0.1.safetensors"
 COMFY_GEMMA_NAME = "gemma_3_4b_it_bf16.safetensors"
 COMFY_JINA_NAME = "jina_clip_v2_bf16.safetensors"
 COMFY_VAE_NAME = "ae.safetensors"
+COMFY_LORA_NAME = "newbie_example_lokr.safetensors"  # the bundled LoRA workflow's placeholder for a user's LoRA
 
 
 def make_tiny(root: str | Path, seed: int = 0) -> dict[str, Path]:
@@ -42,4 +44,7 @@ def make_tiny(root: str | Path, seed: int = 0) -> dict[str, Path]:
     paths.update(write_tiny_gemma(root, seed=seed + 1))
     paths.update(write_tiny_jina(root, seed=seed + 2))
     paths.update(write_tiny_vae(root, seed=seed + 3))
+    from .lora import write_tiny_lora
+
+    paths["lora_comfyui"] = write_tiny_lora(root / "comfyui" / "loras" / COMFY_LORA_NAME, "lokr", alpha=8.0, seed=seed + 4)
     return paths

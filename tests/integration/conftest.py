@@ -49,7 +49,7 @@ def pack_ids(comfy_server) -> dict:
 
 def tiny_model_files(root: Path) -> dict[str, Path]:
     """{"<models folder>/<file>": source} for the ComfyUI single files make_tiny writes under root/comfyui."""
-    from newbie_core.tiny import COMFY_DIT_NAME, COMFY_GEMMA_NAME, COMFY_JINA_NAME, COMFY_VAE_NAME
+    from newbie_core.tiny import COMFY_DIT_NAME, COMFY_GEMMA_NAME, COMFY_JINA_NAME, COMFY_LORA_NAME, COMFY_VAE_NAME
 
     c = root / "comfyui"
     return {
@@ -57,6 +57,7 @@ def tiny_model_files(root: Path) -> dict[str, Path]:
         f"text_encoders/{COMFY_GEMMA_NAME}": c / "text_encoders" / COMFY_GEMMA_NAME,
         f"text_encoders/{COMFY_JINA_NAME}": c / "text_encoders" / COMFY_JINA_NAME,
         f"vae/{COMFY_VAE_NAME}": c / "vae" / COMFY_VAE_NAME,
+        f"loras/{COMFY_LORA_NAME}": c / "loras" / COMFY_LORA_NAME,
     }
 
 

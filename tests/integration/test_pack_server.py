@@ -13,7 +13,8 @@ from test_workflows import WORKFLOWS, load_workflow, nodes_of, workflow_api
 
 PACK_NODE_IDS = ["NewBieDiTLoader", "NewBieTextEncoderLoader", "NewBieVAELoader", "NewBieTextEncode",
                  "NewBieDiTSampler", "NewBieVAEDecode", "NewBieMemoryPurge", "NewBieXMLCharacter",
-                 "NewBieXMLGeneralTags", "NewBieXMLAssemble", "NewBiePromptEnhance"]
+                 "NewBieXMLGeneralTags", "NewBieXMLAssemble", "NewBiePromptEnhance", "NewBieLoraLoader",
+                 "NewBieLoraLoaderMulti"]
 DIT, GEMMA, JINA, VAE = ("NewBie-Image-Exp0.1.safetensors", "gemma_3_4b_it_bf16.safetensors",
                          "jina_clip_v2_bf16.safetensors", "ae.safetensors")
 

@@ -20,7 +20,7 @@ from workflow_convert import _has_control, ui_to_api, widget_inputs
 WORKFLOW_DIR = REPO_ROOT / "workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 EXPECTED_WORKFLOWS = {"newbie_basic_t2i", "newbie_xml_multi_character", "newbie_low_vram", "newbie_precision_swap",
-                      "newbie_interop_core_nodes", "newbie_prompt_enhance"}
+                      "newbie_interop_core_nodes", "newbie_prompt_enhance", "newbie_lora"}
 NOTE_TYPES = {"Note", "MarkdownNote"}
 # The names users download (newbie_core/tiny/__init__.py); the only model names a workflow may use.
 MODEL_FILES = {
@@ -28,8 +28,9 @@ MODEL_FILES = {
     "gemma_3_4b_it_bf16.safetensors": "text_encoders",
     "jina_clip_v2_bf16.safetensors": "text_encoders",
     "ae.safetensors": "vae",
+    "newbie_example_lokr.safetensors": "loras",
 }
-MODEL_INPUTS = {"dit_name", "gemma_name", "jina_name", "vae_name"}
+MODEL_INPUTS = {"dit_name", "gemma_name", "jina_name", "vae_name", "lora_name"}
 TEST_SIZE, TEST_STEPS = 64, 3
 TEST_NEW_TOKENS = 16  # NewBie Prompt Enhance's reply length in CI (the tiny Gemma writes gibberish anyway)
 
@@ -124,10 +125,10 @@ def flux_arch_vae(comfy, tmp_path_factory) -> str:
 
 # ----------------------------------------------------------------------------------------------- tests
 def test_bundled_workflow_set():
-    from newbie_core.tiny import COMFY_DIT_NAME, COMFY_GEMMA_NAME, COMFY_JINA_NAME, COMFY_VAE_NAME
+    from newbie_core.tiny import COMFY_DIT_NAME, COMFY_GEMMA_NAME, COMFY_JINA_NAME, COMFY_LORA_NAME, COMFY_VAE_NAME
 
     assert {p.stem for p in WORKFLOWS} == EXPECTED_WORKFLOWS
-    assert set(MODEL_FILES) == {COMFY_DIT_NAME, COMFY_GEMMA_NAME, COMFY_JINA_NAME, COMFY_VAE_NAME}
+    assert set(MODEL_FILES) == {COMFY_DIT_NAME, COMFY_GEMMA_NAME, COMFY_JINA_NAME, COMFY_VAE_NAME, COMFY_LORA_NAME}
     # ComfyUI serves only the first of example_workflows/, example/, examples/, workflow/, workflows/ that exists.
     others = [d for d in ("example_workflows", "example", "examples", "workflow") if (REPO_ROOT / d).is_dir()]
     assert not others, f"{others} would shadow workflows/ in /api/workflow_templates"

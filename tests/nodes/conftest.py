@@ -84,7 +84,7 @@ def import_pack(name: str = PACK_MODULE):
 def pack(comfyui):
     """The pack package; `pack.nodes.<module>` and `pack.newbie_core.<module>` are loaded."""
     module = import_pack()
-    for sub in ("loaders", "text_encode", "sampler", "vae_decode", "memory_purge", "xml_prompt", "_comfy"):
+    for sub in ("loaders", "text_encode", "sampler", "vae_decode", "memory_purge", "xml_prompt", "_comfy", "lora"):
         importlib.import_module(f"{PACK_MODULE}.nodes.{sub}")
     return module
 
