@@ -13,6 +13,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import comfy.conds
 import comfy.latent_formats
@@ -28,7 +29,8 @@ import latent_preview
 from ..newbie_core import checkpoints
 from ..newbie_core import ops as core_ops
 from ..newbie_core.dit import NextDiT
-from ..newbie_core.fp8 import Fp8Linear, enable_fp8_matmul, fp8_matmul_supported, linear_forward, quantize_weight
+from ..newbie_core.fp8 import (Fp8Linear, dequantize_weight, enable_fp8_matmul, fp8_matmul_supported, linear_forward,
+                               quantize_weight)
 from ..newbie_core.files import missing_file_error
 from ..newbie_core.loading import keep_on_host
 from ..newbie_core.memory import empty_device_cache, file_identity, is_out_of_memory
@@ -161,6 +163,8 @@ def resolve_attention(name: str):
 
 
 _CAST_TAKES_OFFLOADABLE = "offloadable" in inspect.signature(comfy.ops.cast_bias_weight).parameters  # ComfyUI ≥ 0.4
+# ComfyUI 0.3.x's low-VRAM patches dequantise through convert_weight / set_weight; 0.4's patch what they are given.
+_LOWVRAM_PATCH_CONVERTS = "convert_func(" in inspect.getsource(comfy.model_patcher.LowVramPatch.__call__)
 
 
 def _cast_for_call(layer, x):
@@ -180,7 +184,7 @@ class NewBieOps(comfy.ops.disable_weight_init):
 
     class Linear(Fp8Linear, comfy.ops.disable_weight_init.Linear):
         """`Fp8Linear` + ComfyUI's cast/patch hooks (`convert_weight`/`set_weight`: ModelPatcher dequantises a
-        fp8 weight before adding a patch such as a LoRA, and re-quantises it after, new scales included)."""
+        fp8 weight before adding a patch such as a LoRA, and re-quantises it after with the layer's scales)."""
 
         def forward(self, x):  # noqa: D102
             if self.comfy_cast_weights or self.weight_function or self.bias_function:
@@ -188,11 +192,25 @@ class NewBieOps(comfy.ops.disable_weight_init):
             return Fp8Linear.forward(self, x)
 
         def forward_comfy_cast_weights(self, x):  # noqa: D102
+            if self.weight_scale is not None and self.weight_function and not _LOWVRAM_PATCH_CONVERTS:
+                return self._patched_fp8_forward(x)
             weight, bias, stream = _cast_for_call(self, x)
-            out = linear_forward(x, weight, self.weight_scale, bias, self.fp8_matmul)
+            scale = self.weight_scale if weight.dtype == self.weight.dtype else None  # a patch returns it dequantised
+            out = linear_forward(x, weight, scale, bias, self.fp8_matmul)
             if stream is not None:
                 comfy.ops.uncast_bias_weight(self, weight, bias, stream)
             return out
+
+        def _patched_fp8_forward(self, x):
+            """ComfyUI ≥ 0.4 applies a partially loaded layer's patches (LoRA) to the weight it is given, without
+            `convert_weight`: hand it the dequantised weight in the compute dtype."""
+            weight = dequantize_weight(self.weight.to(x.device, non_blocking=True), self.weight_scale, x.dtype)
+            for f in self.weight_function:
+                weight = f(weight)
+            bias = None if self.bias is None else self.bias.to(x.device, x.dtype, non_blocking=True)
+            for f in self.bias_function:
+                bias = f(bias)
+            return F.linear(x, weight, bias)
 
         def convert_weight(self, weight, inplace=False, **kwargs):
             """The weight ModelPatcher patches: dequantised (W8·s) when stored in fp8."""
@@ -202,20 +220,45 @@ class NewBieOps(comfy.ops.disable_weight_init):
             return weight.mul_(s) if inplace else weight * s
 
         def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
-            """Store a patched full-precision weight: re-quantised with fresh per-channel scales under fp8."""
+            """Store a patched full-precision weight: under fp8 re-quantised with fresh per-channel scales (the
+            old ones are backed up and restored by `NewBiePatcher`). `return_weight` (ComfyUI 0.3's per-call
+            low-VRAM patch): the patched weight itself, full precision, for this call only."""
+            if return_weight:
+                return weight
             if self.weight_scale is None:
                 new = weight.to(self.weight.dtype)
             else:
                 new, scale = quantize_weight(weight)
                 self.weight_scale = scale.to(self.weight_scale.device)
-            if return_weight:
-                return new
             if inplace_update:
                 self.weight.data.copy_(new)
             else:
                 self.weight = torch.nn.Parameter(new, requires_grad=False)
 
     RMSNorm = core_ops.RMSNorm
+
+
+class NewBiePatcher(comfy.model_patcher.ModelPatcher):
+    """ComfyUI's ModelPatcher, plus: an fp8 layer's per-channel scales are backed up when a patch (LoRA) first
+    re-quantises its weight and restored with the weight on unpatch, so unpatching stays bitwise (ComfyUI itself
+    backs up only the weight). Clones keep the class; the backup lives on the shared model."""
+
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):  # noqa: D102
+        if key in self.patches and key not in self.backup:
+            layer = comfy.utils.get_attr(self.model, key.rsplit(".", 1)[0])
+            if getattr(layer, "weight_scale", None) is not None:
+                self.model.__dict__.setdefault("newbie_scale_backup", {})[key] = layer.weight_scale.clone()
+        return super().patch_weight_to_device(key, device_to=device_to, inplace_update=inplace_update)
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):  # noqa: D102
+        restore = list(self.backup) if unpatch_weights else []
+        out = super().unpatch_model(device_to=device_to, unpatch_weights=unpatch_weights)
+        saved = self.model.__dict__.get("newbie_scale_backup", {})
+        for key in restore:
+            if key in saved:
+                layer = comfy.utils.get_attr(self.model, key.rsplit(".", 1)[0])
+                layer.weight_scale = saved.pop(key).to(layer.weight.device)
+        return out
 
 
 @cleans_up_on_failure
@@ -243,7 +286,7 @@ def load_dit_patcher(path: Path, precision: Precision, attention: str, device: s
         enable_fp8_matmul(dm)
     model.to(offload_device)
     model.device = offload_device
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher = NewBiePatcher(model, load_device=load_device, offload_device=offload_device)
     register(patcher, f"DiT ({Path(path).name})")
     return patcher
 

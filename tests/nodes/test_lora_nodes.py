@@ -140,9 +140,22 @@ def test_fp8_model_with_lora(comfyui, pack, loaders, lora_files, comfy_models):
         plain = fp8.model.diffusion_model.velocity(*args).float()
     effect = (ref - plain_ref).abs().max()
     err, plain_err = (got - ref).abs().max(), (plain - plain_ref).abs().max()
-    if not (err < 0.25 * effect and err < 3 * plain_err):
-        pytest.xfail(f"fp8 + LoRA in ComfyUI off by {err:.3g} (LoRA effect {effect:.3g}, fp8 alone {plain_err:.3g}): "
-                     "needs the fp8 Linear as a comfy.ops subclass with convert_weight/set_weight (issue 10)")
+    assert err < 0.25 * effect and err < 3 * plain_err, (err, effect, plain_err)
+
+
+def test_fp8_lora_unpatch_restores_weights_and_scales_bitwise(comfyui, pack, loaders, lora_files):
+    """A patch re-quantises an fp8 weight with fresh scales; unpatching restores weight AND scales bit for bit."""
+    fp8 = loaders.dit(precision="fp8_e4m3fn")
+    dm = fp8.model.diffusion_model
+    before = {n: t.clone() for n, t in list(dm.named_parameters()) + list(dm.named_buffers()) if t is not None}
+    patched = pack.nodes.lora.NewBieLoraLoader.execute(model=fp8, lora_name=lora_files["kohya"], strength=3.0).args[0]
+    comfyui.mm.load_models_gpu([patched])
+    changed = [n for n, t in list(dm.named_parameters()) + list(dm.named_buffers())
+               if n in before and not torch.equal(t, before[n])]
+    assert any(n.endswith("weight_scale") for n in changed), "the patch recomputed some scales"
+    comfyui.mm.load_models_gpu([fp8])  # ComfyUI unpatches the clone to load the plain model
+    after = {n: t for n, t in list(dm.named_parameters()) + list(dm.named_buffers()) if t is not None}
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
 
 
 def test_partially_loaded_model_applies_the_lora_per_layer(comfyui, pack, dit, lora_files):
