@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import cli_img2img
 from .errors import NewBieError
 
 log = logging.getLogger("newbie")
@@ -29,8 +30,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--model-dir", help="HF NewBie-image-Exp0.1 folder or a ComfyUI models/ folder")
     for role in ("dit", "gemma", "jina", "vae"):
         p.add_argument(f"--{role}", help=f"explicit {role} file or folder (overrides --model-dir)")
-    p.add_argument("--width", type=int, default=1024, help="multiple of 16 (default 1024)")
-    p.add_argument("--height", type=int, default=1024, help="multiple of 16 (default 1024)")
+    p.add_argument("--width", type=int, default=None, help="multiple of 16 (default 1024, or the init image's)")
+    p.add_argument("--height", type=int, default=None, help="multiple of 16 (default 1024, or the init image's)")
     p.add_argument("--steps", type=int, default=18, help="time-grid points as in the official demo (N → N-1 intervals)")
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
     p.add_argument("--shift", type=float, default=6.0, help="time shift (default 6)")
@@ -50,6 +51,7 @@ def _generate_parser(sub) -> None:
                    help="with --lowvram: GiB of blocks that may stay on the GPU (faster; default: stream all)")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT (first image pays ~30 s)")
     p.add_argument("--json", action="store_true", help="print the ledger as JSON instead of a table")
+    cli_img2img.add_arguments(p)
 
 
 def _resolve_paths(args):
@@ -80,16 +82,17 @@ def cmd_generate(args) -> int:
     from .precision import parse_precision_spec
     from .text.prompts import resolve_system_prompt
 
+    img2img = cli_img2img.prepare(args)  # --init-image/--mask; fills width, height, denoise
     paths, tiny = _resolve_paths(args)
     budget = None if args.vram_budget is None else int(args.vram_budget * 2**30)
     pipe = Pipeline(paths, device=args.device, precision=parse_precision_spec(args.precision),
                     lowvram=args.lowvram, vram_budget=budget, compile=args.compile)
     settings = GenerationSettings(width=args.width, height=args.height, steps=args.steps, cfg=args.cfg,
                                   shift=args.shift, solver=args.solver, cfg_trunc=args.cfg_trunc,
-                                  renorm=args.renorm, seed=args.seed, batch=args.batch)
+                                  renorm=args.renorm, seed=args.seed, batch=args.batch, denoise=args.denoise)
     system = resolve_system_prompt(args.system_prompt, args.prompt)
     result = pipe.generate(args.prompt, args.negative, settings, system_prompt=system,
-                           tiled_decode=args.tiled_decode)
+                           tiled_decode=args.tiled_decode, **img2img)
     meta = {"prompt": args.prompt, "negative": args.negative, "settings": vars(settings),
             "precision": pipe.precision_names, "random_weights": tiny}
     written = save_png(result.images, args.out, meta)

@@ -23,6 +23,7 @@ from .memory import EmbeddingCache, Ledger, StagedModel, default_device, empty_d
 from .model_paths import ModelPaths
 from .precision import Precision, check_finite, parse_precision
 from .recovery import out_of_memory_error, release_failure
+from .img2img import img2img_inputs
 from .sampling import GuidedVelocity, make_noise, sample, validate_size
 from .text.encode import PromptEmbeddings, concat_embeddings, encode_cached
 from .text.prompts import SYSTEM_PROMPTS
@@ -59,6 +60,7 @@ class GenerationSettings:
     renorm: float = 0.0
     seed: int = 0
     batch: int = 1
+    denoise: float = 1.0  # img2img (ComfyUI's meaning, see sampling.sample); 1 = from pure noise
 
 
 @dataclass
@@ -229,15 +231,18 @@ class Pipeline:
         return embs
 
     def sample(self, cond: PromptEmbeddings, uncond: PromptEmbeddings, settings: GenerationSettings,
-               callback: Callable | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the sampler; returns scaled latents [B,16,H/8,W/8] (fp32, CPU); the DiT stage."""
+               callback: Callable | None = None, latents: torch.Tensor | None = None,
+               init: torch.Tensor | None = None, noise_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the sampler; returns scaled latents [B,16,H/8,W/8] (fp32, CPU); the DiT stage. img2img: `init`
+        (scaled latents, batch 1 or B) with `settings.denoise`, `noise_mask` (1 = regenerate; any size)."""
         validate_size(settings.width, settings.height)
         b = settings.batch
         noise = latents if latents is not None else make_noise(
             settings.seed, b, settings.height // VAE_SCALE_FACTOR, settings.width // VAE_SCALE_FACTOR, LATENT_CHANNELS)
+        img2img = img2img_inputs(init, noise_mask, noise.shape)
         with self.ledger.stage("dit", self.device) as rec:
             try:
-                x = self._sample_on_device(cond, uncond, settings, noise, callback)
+                x = self._sample_on_device(cond, uncond, settings, noise, callback, **img2img)
             except BaseException as e:
                 self._fail("dit", e)
             finally:
@@ -246,13 +251,14 @@ class Pipeline:
         return x
 
     def _sample_on_device(self, cond, uncond, settings: GenerationSettings, noise: torch.Tensor,
-                          callback: Callable | None) -> torch.Tensor:
+                          callback: Callable | None, init=None, noise_mask=None) -> torch.Tensor:
         # Its own frame: on failure every device tensor of the run (embedding copies, latents) is a local here,
         # and `_fail` frees them all (recovery.release_failure) before the error leaves the pipeline.
         dit = self._acquire("dit")
         velocity = guided_velocity(self._dit_forward(dit), dit, cond, uncond, settings.batch, self.device, self.precision("dit").compute,
                                    noise.shape[-2], noise.shape[-1], settings.cfg, settings.cfg_trunc, settings.renorm)
-        x = sample(velocity, noise.to(self.device), settings.steps, settings.solver, settings.shift, callback)
+        x = sample(velocity, noise.to(self.device), settings.steps, settings.solver, settings.shift, callback,
+                   init=init, denoise=settings.denoise, noise_mask=noise_mask)
         check_finite(x, "DiT sampling", self.precision("dit"))
         return x.float().cpu()
 
@@ -278,6 +284,20 @@ class Pipeline:
             rec.notes.extend(notes or (["tiled"] if tiled else []))
         return images, notes
 
+    def encode_image(self, images: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+        """Images [B,3,H,W] in [0,1] → scaled latents (fp32, CPU) for img2img; a VAE stage in the ledger."""
+        with self.ledger.stage("vae", self.device) as rec:
+            try:
+                vae = self._acquire("vae")
+                z = vae.encode(images, tiled=True) if tiled or self.lowvram else vae.encode_with_fallback(images)[0]
+                z = check_finite(z, "VAE encode", self.precision("vae")).float().cpu()
+            except BaseException as e:
+                self._fail("vae", e)
+            finally:
+                self._done_with("vae")
+            rec.notes.append("encode")
+        return z
+
     def _fail(self, stage: str, exc: BaseException):
         """Release everything a failed stage held (models, its frames' tensors, the device cache); turn OOM
         into an error that lists the lower-memory options; re-raise. The pipeline stays usable."""
@@ -290,12 +310,16 @@ class Pipeline:
 
     def generate(self, prompt: str, negative: str = "", settings: GenerationSettings | None = None,
                  system_prompt: str = SYSTEM_PROMPTS["xml"], callback: Callable | None = None,
-                 tiled_decode: bool = False) -> GenerationResult:
-        """Text-encode → sample → decode one request; returns images, latents and this run's ledger."""
+                 tiled_decode: bool = False, init_image: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None) -> GenerationResult:
+        """Text-encode → sample → decode one request; returns images, latents and this run's ledger.
+        img2img: `init_image` [1|B,3,H,W] in [0,1] at the settings' size, with `settings.denoise`; inpainting:
+        `mask` [H,W] (1 = regenerate, 0 = keep)."""
         settings = replace(settings) if settings is not None else GenerationSettings()
         validate_size(settings.width, settings.height)
         self.ledger = Ledger()
         cond, uncond = self.encode([prompt, negative], system_prompt)
-        latents = self.sample(cond, uncond, settings, callback)
+        init = None if init_image is None else self.encode_image(init_image, tiled=tiled_decode)
+        latents = self.sample(cond, uncond, settings, callback, init=init, noise_mask=mask)
         images, notes = self.decode(latents, tiled=tiled_decode)
         return GenerationResult(images=images, latents=latents, ledger=self.ledger, notes=notes)

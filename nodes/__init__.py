@@ -8,11 +8,12 @@ from .memory_purge import NewBieMemoryPurge
 from .sampler import NewBieDiTSampler
 from .text_encode import NewBieTextEncode
 from .vae_decode import NewBieVAEDecode
+from .vae_encode import NewBieVAEEncode
 from .xml_prompt import NewBieXMLAssemble, NewBieXMLCharacter, NewBieXMLGeneralTags
 
 NODES: list[type[io.ComfyNode]] = [
     NewBieDiTLoader, NewBieTextEncoderLoader, NewBieVAELoader, NewBieTextEncode, NewBieDiTSampler,
-    NewBieVAEDecode, NewBieMemoryPurge, NewBieXMLCharacter, NewBieXMLGeneralTags, NewBieXMLAssemble,
+    NewBieVAEDecode, NewBieVAEEncode, NewBieMemoryPurge, NewBieXMLCharacter, NewBieXMLGeneralTags, NewBieXMLAssemble,
 ]
 
 

@@ -281,6 +281,8 @@ LOW_VRAM_HINTS = {
     "VAE decode": "Lower-memory options: tiled on in NewBie VAE Decode (a full decode already retries in tiles "
                   "down to 128 px), a smaller image, a NewBie Memory Purge before the decode, or start ComfyUI "
                   "with --lowvram.",
+    "VAE encode": "Lower-memory options: tiled on in NewBie VAE Encode (a full encode already retries in tiles "
+                  "down to 128 px), a smaller image, or start ComfyUI with --lowvram.",
 }
 
 

@@ -6,10 +6,11 @@ import torch
 from comfy_api.latest import io
 
 from ..newbie_core.errors import InputError
+from ..newbie_core.img2img import sampler_start
 from ..newbie_core.precision import check_finite
 from ..newbie_core.pipeline import check_conditioning, guided_velocity
-from ..newbie_core.sampling import SOLVERS, make_noise, sample, validate_size
-from ..newbie_core.vae import LATENT_CHANNELS, VAE_SCALE_FACTOR, unscale_latents
+from ..newbie_core.sampling import SOLVERS, sample, validate_size
+from ..newbie_core.vae import VAE_SCALE_FACTOR, unscale_latents
 from . import _comfy
 from .text_encode import from_conditioning
 
@@ -48,14 +49,19 @@ class NewBieDiTSampler(io.ComfyNode):
                 io.Int.Input("height", default=1024, min=16, max=4096, step=16, tooltip="Multiple of 16."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per run."),
                 io.Latent.Input("latent", optional=True,
-                                tooltip="Optional: take width, height and batch from this latent instead."),
+                                tooltip="Optional: take width, height and batch from this latent instead; with "
+                                        "denoise < 1 start from its image (img2img), and honour its noise_mask "
+                                        "(inpainting) and batch_index."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="As core KSampler: the fraction of the schedule that runs, starting from the "
+                                       "latent's image. 1 = from pure noise; 0.3-0.6 = img2img / hires-fix."),
             ],
             outputs=[io.Latent.Output(tooltip="Unscaled FLUX latents (LATENT), for NewBie or core VAE Decode.")],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, seed, steps, cfg, shift, solver, cfg_trunc, renorm, width,
-                height, batch_size, latent=None) -> io.NodeOutput:
+                height, batch_size, latent=None, denoise=1.0) -> io.NodeOutput:
         if latent is not None:
             batch_size, _, lh, lw = latent["samples"].shape
             height, width = lh * VAE_SCALE_FACTOR, lw * VAE_SCALE_FACTOR
@@ -70,29 +76,31 @@ class NewBieDiTSampler(io.ComfyNode):
         dm.check_size(h, w)
         check_conditioning(dm.config, cond, uncond)  # text encoders of another width: say so before loading
         try:
-            samples = run_sampler(model, dm, cond, uncond, (seed, b, h, w), steps, cfg, shift, solver, cfg_trunc,
-                                  renorm)
+            start = sampler_start(latent if latent is not None else {"samples": torch.zeros(b, 1, h, w)}, seed, denoise)
+            samples = run_sampler(model, dm, cond, uncond, start, steps, cfg, shift, solver, cfg_trunc, renorm, denoise)
         except BaseException as e:  # OOM, cancel, NaN: free everything the run holds; OOM → unload + hint
             _comfy.fail_cleanly(e, "DiT sampling", model.load_device)
             raise
         return io.NodeOutput({"samples": samples})
 
 
-def run_sampler(model, dm, cond, uncond, shape, steps, cfg, shift, solver, cfg_trunc, renorm) -> torch.Tensor:
-    """Seeded noise of `shape` (seed, batch, latent h, latent w) → load the DiT through ComfyUI, sample, check for
-    NaN/inf; unscaled latents on the intermediate device.
+def run_sampler(model, dm, cond, uncond, start, steps, cfg, shift, solver, cfg_trunc, renorm,
+                denoise=1.0) -> torch.Tensor:
+    """From `start` (newbie_core.img2img.SamplerStart: seeded noise, input latent, mask) → load the DiT through
+    ComfyUI, sample, check for NaN/inf; unscaled latents on the intermediate device.
 
     Its own frame on purpose: when it fails, every tensor of the run is one of its locals, which the caller's
     clean-up frees at once (newbie_core.recovery)."""
-    seed, b, h, w = shape
-    noise = make_noise(seed, b, h, w, LATENT_CHANNELS)
+    noise = start.noise
+    b, _, h, w = noise.shape
     _comfy.load_to_device([model], memory_required=activation_bytes(dm, b, h, w, cond, uncond))
     device, compute = model.load_device, dm.compute_dtype or torch.bfloat16
     forward = compiled_velocity(dm) if model.model_options.get("newbie_compile") else dm.velocity
     guided = guided_velocity(forward, dm, cond, uncond, b, device, compute, h, w, cfg, cfg_trunc, renorm)
     intervals = steps if solver == "dpmpp_2m" else steps - 1
     on_step = _comfy.sampler_progress(model, intervals)
-    x = sample(guided, noise.to(device), steps, solver, shift, callback=on_step)
+    x = sample(guided, noise.to(device), steps, solver, shift, callback=on_step, init=start.init, denoise=denoise,
+               noise_mask=start.noise_mask)
     check_finite(x, "DiT sampling", model.model_options.get("newbie_precision"))
     return unscale_latents(x.float()).to(_comfy.intermediate_device())
 

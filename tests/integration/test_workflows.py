@@ -20,7 +20,11 @@ from workflow_convert import _has_control, ui_to_api, widget_inputs
 WORKFLOW_DIR = REPO_ROOT / "workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 EXPECTED_WORKFLOWS = {"newbie_basic_t2i", "newbie_xml_multi_character", "newbie_low_vram", "newbie_precision_swap",
-                      "newbie_interop_core_nodes"}
+                      "newbie_interop_core_nodes", "newbie_img2img", "newbie_inpaint", "newbie_hires_fix",
+                      "newbie_comfyui_template_ksampler"}
+# Nodes that set the image size without being samplers (shrunk too) and the latent upscalers (scale the size).
+SIZE_NODES = {"EmptyLatentImage", "EmptySD3LatentImage"}
+EXAMPLE_IMAGE = "newbie_example.png"  # the Load Image placeholder of the img2img / inpaint workflows
 NOTE_TYPES = {"Note", "MarkdownNote"}
 # The names users download (newbie_core/tiny/__init__.py); the only model names a workflow may use.
 MODEL_FILES = {
@@ -57,7 +61,7 @@ def shrink(api: dict, object_info: dict, size: int = TEST_SIZE, steps: int = TES
     Returns the (width, height) of each patched sampler (the expected image sizes)."""
     sizes = []
     for node in api.values():
-        if not is_sampler(node["class_type"], object_info):
+        if not (is_sampler(node["class_type"], object_info) or node["class_type"] in SIZE_NODES):
             continue
         inputs = node["inputs"]
         for name, value in (("width", size), ("height", size), ("steps", steps)):
@@ -65,6 +69,10 @@ def shrink(api: dict, object_info: dict, size: int = TEST_SIZE, steps: int = TES
                 inputs[name] = value
         if isinstance(inputs.get("width"), int) and isinstance(inputs.get("height"), int):
             sizes.append((inputs["width"], inputs["height"]))
+    for node in api.values():  # Upscale Latent By: its result's size too (latent pixels scaled, rounded as core)
+        if node["class_type"] == "LatentUpscaleBy":
+            f = node["inputs"]["scale_by"]
+            sizes += [(round(w / 8 * f) * 8, round(h / 8 * f) * 8) for w, h in list(sizes)]
     return sizes
 
 
@@ -116,6 +124,21 @@ def flux_arch_vae(comfy, tmp_path_factory) -> str:
     save_file({k: v.contiguous() for k, v in diffusers_to_bfl_vae(sd).items()}, str(path))
     comfy.place_models({f"vae/{FLUX_VAE_SUBDIR}/ae.safetensors": path})
     return f"{FLUX_VAE_SUBDIR}/ae.safetensors"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def example_image(comfy_server):
+    """A 64×64 RGBA picture in the server's input/ folder under the img2img/inpaint workflows' placeholder name;
+    its alpha is 0 in the centre, so Load Image's MASK (1 − alpha) marks the centre for repainting."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (TEST_SIZE, TEST_SIZE, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[16:48, 16:48, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(comfy_server.base / "input" / EXAMPLE_IMAGE)
+    return EXAMPLE_IMAGE
 
 
 # ----------------------------------------------------------------------------------------------- tests
@@ -191,7 +214,7 @@ def test_workflow_is_well_formed(comfy, path):
                 assert value in MODEL_FILES, f"node {nid}: {name}={value!r}"
     # Realistic defaults: the users run these as shipped.
     for node in api.values():
-        if is_sampler(node["class_type"], info):
+        if (is_sampler(node["class_type"], info) or node["class_type"] in SIZE_NODES) and "width" in node["inputs"]:
             assert (node["inputs"]["width"], node["inputs"]["height"]) == (1024, 1024)
 
 
@@ -259,7 +282,7 @@ def test_workflow_runs(comfy, path, request):
     if "NewBieVAEDecode" in {n["class_type"] for n in api.values()}:
         (dec,) = nodes_of(api, "NewBieVAEDecode")
         note = outputs[dec]["text"][0]
-        assert f"decoded ({TEST_SIZE}, {TEST_SIZE})" in note
+        assert any(f"decoded ({h}, {w})" in note for w, h in sizes), note
         if api[dec]["inputs"]["tiled"]:
             assert "tiled" in note
         if api[dec]["inputs"]["precision"] == "fp32":
