@@ -6,7 +6,8 @@ CONDITIONING is ComfyUI's list of `[tensor, dict]` entries. Layouts accepted by 
 - the E-Anlia/ComfyUI-NewBie fork (0.4.0, `model_base.NewBieImage.extra_conds`): `cap_feats` (else the tensor),
   `cap_mask`, `clip_text_pooled`.
 Core conditioning nodes give a defined result or a clear error (README "Interop"): Conditioning Concat (features
-longer than the mask: the appended tokens are real, the mask is extended), Conditioning Zero Out (zero features
+longer than the mask: the appended tokens are real, the mask is extended; the padding of the first prompt moves
+behind them, as the DiT needs right-padded captions), Conditioning Zero Out (zero features
 and pooled vector: accepted), Conditioning Combine (several entries) and Set Timestep Range / Area / Mask
 (ComfyUI's scheduling of conditionings) are refused with the core-sampler alternative. Pure PyTorch.
 """
@@ -55,6 +56,10 @@ def embeddings_from_conditioning(cond: list, what: str) -> PromptEmbeddings:
     elif mask.shape[1] != feats.shape[1]:
         raise InputError(f"The {what} conditioning's attention mask ({mask.shape[1]} tokens) does not match its "
                          f"features ({feats.shape[1]} tokens).")
+    if bool((mask[:, 1:] > mask[:, :-1]).any()):  # pads before real tokens (a padded prompt concatenated):
+        order = torch.argsort((mask == 0).to(torch.int8), dim=1, stable=True)  # real tokens first, order kept
+        feats = torch.gather(feats, 1, order[..., None].expand(-1, -1, feats.shape[-1]).to(feats.device))
+        mask = torch.gather(mask, 1, order.to(mask.device))
     pooled = _first(extra, "pooled_output", "clip_text_pooled")
     if pooled is None:
         raise InputError(f"The {what} conditioning has no pooled_output (the Jina vector): encode it with "

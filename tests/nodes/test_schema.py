@@ -35,7 +35,7 @@ def all_comfy_nodes_defined(pack) -> set:
 
 
 def test_every_node_has_description_category_tooltips_and_id(node_classes):
-    assert len(node_classes) == 10
+    assert len(node_classes) == 11
     ids = []
     for cls in node_classes:
         schema = cls.GET_SCHEMA()
