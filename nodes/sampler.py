@@ -76,22 +76,23 @@ class NewBieDiTSampler(io.ComfyNode):
         dm.check_size(h, w)
         check_conditioning(dm.config, cond, uncond)  # text encoders of another width: say so before loading
         try:
-            start = sampler_start(latent if latent is not None else {"samples": torch.zeros(b, 1, h, w)}, seed, denoise)
-            samples = run_sampler(model, dm, cond, uncond, start, steps, cfg, shift, solver, cfg_trunc, renorm, denoise)
+            latent = latent if latent is not None else {"samples": torch.zeros(b, 1, h, w)}  # empty: size only
+            samples = run_sampler(model, dm, cond, uncond, (latent, seed, denoise), steps, cfg, shift, solver,
+                                  cfg_trunc, renorm)
         except BaseException as e:  # OOM, cancel, NaN: free everything the run holds; OOM → unload + hint
             _comfy.fail_cleanly(e, "DiT sampling", model.load_device)
             raise
         return io.NodeOutput({"samples": samples})
 
 
-def run_sampler(model, dm, cond, uncond, start, steps, cfg, shift, solver, cfg_trunc, renorm,
-                denoise=1.0) -> torch.Tensor:
-    """From `start` (newbie_core.img2img.SamplerStart: seeded noise, input latent, mask) → load the DiT through
-    ComfyUI, sample, check for NaN/inf; unscaled latents on the intermediate device.
+def run_sampler(model, dm, cond, uncond, start_from, steps, cfg, shift, solver, cfg_trunc, renorm) -> torch.Tensor:
+    """`start_from` = (LATENT, seed, denoise) → seeded noise, input latent and mask (newbie_core.img2img) → load the
+    DiT through ComfyUI, sample, check for NaN/inf; unscaled latents on the intermediate device.
 
     Its own frame on purpose: when it fails, every tensor of the run is one of its locals, which the caller's
     clean-up frees at once (newbie_core.recovery)."""
-    noise = start.noise
+    start = sampler_start(*start_from)
+    noise, denoise = start.noise, start_from[2]
     b, _, h, w = noise.shape
     _comfy.load_to_device([model], memory_required=activation_bytes(dm, b, h, w, cond, uncond))
     device, compute = model.load_device, dm.compute_dtype or torch.bfloat16
