@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from comfy_server import REPO_ROOT, ComfyServer
-from workflow_convert import _has_control, ui_to_api, widget_inputs
+from workflow_convert import UPLOAD_KEYS, _has_control, ui_to_api, widget_inputs
 
 WORKFLOW_DIR = REPO_ROOT / "workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
@@ -194,7 +194,8 @@ def test_workflow_is_well_formed(comfy, path):
         for out in n.get("outputs") or []:
             assert all(lid in links for lid in out["links"] or []), f"node {n['id']}: dangling output link"
         widgets = widget_inputs(info[typ])
-        expected = len(widgets) + sum(_has_control(w, t, o) for w, t, o in widgets)
+        expected = len(widgets) + sum(_has_control(w, t, o) for w, t, o in widgets) + \
+            sum(bool(o.get(key)) for _, _, o in widgets for key in UPLOAD_KEYS)  # Load Image's "image" button
         assert len(n["widgets_values"]) == expected, f"node {n['id']} ({typ}): {len(n['widgets_values'])} widget " \
                                                      f"values, expected {expected} ({[w[0] for w in widgets]})"
         for inp in n.get("inputs") or []:
@@ -289,3 +290,37 @@ def test_workflow_runs(comfy, path, request):
             assert "fp32" in note
     for purge in nodes_of(api, "NewBieMemoryPurge"):
         assert "models held by NewBie nodes" in outputs[purge]["text"][0]
+
+
+def test_template_workflow_uses_comfyuis_newbie_template_settings(comfy):
+    api = ui_to_api(load_workflow("newbie_comfyui_template_ksampler"), comfy.object_info())  # as shipped
+    (ks,) = [n["inputs"] for n in api.values() if n["class_type"] == "KSampler"]
+    assert {k: ks[k] for k in ("steps", "cfg", "sampler_name", "scheduler", "denoise")} == {
+        "steps": 20, "cfg": 5.5, "sampler_name": "res_multistep", "scheduler": "simple", "denoise": 1.0}
+    (ms,) = [n["inputs"] for n in api.values() if n["class_type"] == "ModelSamplingAuraFlow"]
+    assert ms["shift"] == 6.0 and api[ks["model"][0]]["class_type"] == "ModelSamplingAuraFlow"
+    assert api[ms["model"][0]]["class_type"] == "NewBieDiTLoader"
+    assert api[ks["positive"][0]]["class_type"] == "NewBieTextEncode"
+    assert api[ks["latent_image"][0]]["class_type"] == "EmptySD3LatentImage"
+
+
+@pytest.mark.parametrize("name, chain, denoise", [
+    ("newbie_img2img", ["LoadImage", "NewBieVAEEncode"], [0.6]),
+    ("newbie_inpaint", ["LoadImage", "NewBieVAEEncode", "SetLatentNoiseMask"], [0.85]),
+    ("newbie_hires_fix", ["NewBieDiTSampler", "LatentUpscaleBy"], [1.0, 0.5]),
+])
+def test_img2img_workflows_feed_the_sampler_latent(comfy, name, chain, denoise):
+    api = ui_to_api(load_workflow(name), comfy.object_info())
+    samplers = sorted(nodes_of(api, "NewBieDiTSampler"), key=int)
+    assert [api[s]["inputs"]["denoise"] for s in samplers] == denoise
+    last = api[samplers[-1]]["inputs"]
+    src, seen = last["latent"][0], []
+    while src is not None:  # walk the latent back to where it starts
+        node = api[src]
+        seen.append(node["class_type"])
+        link = node["inputs"].get("samples") or node["inputs"].get("pixels") or node["inputs"].get("latent")
+        src = link[0] if isinstance(link, list) else None
+    assert list(reversed(seen)) == chain
+    if name == "newbie_hires_fix":
+        (up,) = nodes_of(api, "LatentUpscaleBy")
+        assert api[up]["inputs"]["scale_by"] == 1.5
