@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from test_workflows import EXAMPLE_IMAGE, flux_arch_vae, png_size  # noqa: F401 - session fixtures
+from test_workflows import EXAMPLE_IMAGE, example_image, flux_arch_vae, png_size  # noqa: F401 - session fixtures
 
 DIT, GEMMA, JINA, VAE = ("NewBie-Image-Exp0.1.safetensors", "gemma_3_4b_it_bf16.safetensors",
                          "jina_clip_v2_bf16.safetensors", "ae.safetensors")
@@ -64,7 +64,7 @@ def aura_flow(g: dict) -> dict:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _models(comfy):
+def _models(comfy, example_image):  # noqa: F811 - the tiny models and the 64 px example picture in input/
     return comfy
 
 
