@@ -329,9 +329,8 @@ class FluxVAE:
         x = (images.to(device=p.device, dtype=torch.float32) * 2.0 - 1.0).to(p.dtype)
         if not tiled:
             return scale_latents(self._encode_mean(x).float())
-        tile = tile or self.tile_size
-        overlap, f = self.tile_overlap * tile // self.tile_size, self.upscale
-        h, w = x.shape[-2] // f, x.shape[-1] // f
+        tile, f = tile or self.tile_size, self.upscale
+        overlap, h, w = self.tile_overlap * tile // self.tile_size, x.shape[-2] // f, x.shape[-1] // f
         out = torch.zeros(x.shape[0], self.model.config.latent_channels, h, w, dtype=torch.float32, device=p.device)
         weight = torch.zeros(1, 1, h, w, dtype=torch.float32, device=p.device)
         ys, xs = _positions(h, tile, overlap), _positions(w, tile, overlap)
