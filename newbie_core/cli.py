@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import cli_img2img
 from .cli_enhance import add_enhance_parser, add_generate_options, cmd_enhance, enhance_for_generate
 from .errors import NewBieError
 
@@ -31,8 +32,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--model-dir", help="HF NewBie-image-Exp0.1 folder or a ComfyUI models/ folder")
     for role in ("dit", "gemma", "jina", "vae"):
         p.add_argument(f"--{role}", help=f"explicit {role} file or folder (overrides --model-dir)")
-    p.add_argument("--width", type=int, default=1024, help="multiple of 16 (default 1024)")
-    p.add_argument("--height", type=int, default=1024, help="multiple of 16 (default 1024)")
+    p.add_argument("--width", type=int, default=None, help="multiple of 16 (default 1024, or the init image's)")
+    p.add_argument("--height", type=int, default=None, help="multiple of 16 (default 1024, or the init image's)")
     p.add_argument("--steps", type=int, default=18, help="time-grid points as in the official demo (N → N-1 intervals)")
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
     p.add_argument("--shift", type=float, default=6.0, help="time shift (default 6)")
@@ -59,6 +60,7 @@ def _generate_parser(sub) -> None:
                         "DiT at STRENGTH (default 1); repeat for several (their deltas add)")
     p.add_argument("--json", action="store_true", help="print the ledger as JSON instead of a table")
     add_generate_options(p)
+    cli_img2img.add_arguments(p)
 
 
 def _resolve_paths(args):
@@ -89,6 +91,7 @@ def cmd_generate(args) -> int:
     from .precision import parse_precision_spec
     from .text.prompts import resolve_system_prompt
 
+    img2img = cli_img2img.prepare(args)  # --init-image/--mask; fills width, height, denoise
     paths, tiny = _resolve_paths(args)
     from .lora import parse_lora_arg
 
@@ -101,12 +104,12 @@ def cmd_generate(args) -> int:
         print(f"LoRA {r.summary()}", file=sys.stderr)
     settings = GenerationSettings(width=args.width, height=args.height, steps=args.steps, cfg=args.cfg,
                                   shift=args.shift, solver=args.solver, cfg_trunc=args.cfg_trunc,
-                                  renorm=args.renorm, seed=args.seed, batch=args.batch)
+                                  renorm=args.renorm, seed=args.seed, batch=args.batch, denoise=args.denoise)
     if args.enhance:  # Gemma writes the prompt first (printed); the text stage then reuses its placement
         args.prompt = enhance_for_generate(pipe, args, tiny)
     system = resolve_system_prompt(args.system_prompt, args.prompt)
     result = pipe.generate(args.prompt, args.negative, settings, system_prompt=system,
-                           tiled_decode=args.tiled_decode)
+                           tiled_decode=args.tiled_decode, **img2img)
     meta = {"prompt": args.prompt, "negative": args.negative, "settings": vars(settings),
             "precision": pipe.precision_names, "random_weights": tiny,
             "loras": [{"file": r.file, "strength": r.strength} for r in lora_reports]}

@@ -19,6 +19,7 @@ import torch
 
 from . import stages
 from .fp8 import enable_fp8_matmul, fp8_matmul_supported
+from .img2img import init_latent
 from .memory import EmbeddingCache, Ledger, StagedModel, default_device, empty_device_cache, file_identity, is_out_of_memory
 from .model_paths import ModelPaths
 from .precision import Precision, parse_precision
@@ -203,9 +204,14 @@ class Pipeline:
         return embs
 
     def sample(self, cond: PromptEmbeddings, uncond: PromptEmbeddings, settings: GenerationSettings,
-               callback: Callable | None = None) -> torch.Tensor:
-        """Run the sampler; returns unscaled latents [B,16,H/8,W/8] (fp32, CPU); the DiT stage."""
-        return stages.sample(self, cond, uncond, settings, callback)
+               callback: Callable | None = None, latent: dict | None = None) -> torch.Tensor:
+        """Run the sampler; returns unscaled latents [B,16,H/8,W/8] (fp32, CPU); the DiT stage. `latent`: a
+        core LATENT dict to start from (img2img with `settings.denoise`, inpainting with its `noise_mask`)."""
+        return stages.sample(self, cond, uncond, settings, callback, latent=latent)
+
+    def encode_image(self, images: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+        """Images [B,3,H,W] in [0,1] → unscaled latents (fp32, CPU) for img2img; a VAE stage in the ledger."""
+        return stages.encode_image(self, images, tiled or self.lowvram)[0]
 
     def decode(self, latents: torch.Tensor, tiled: bool = False) -> tuple[torch.Tensor, list[str]]:
         """Decode unscaled latents to images [B,3,H,W] in [0,1] (fp32, CPU); the VAE stage. Returns notes too."""
@@ -216,12 +222,17 @@ class Pipeline:
 
     def generate(self, prompt: str, negative: str = "", settings: GenerationSettings | None = None,
                  system_prompt: str = SYSTEM_PROMPTS["xml"], callback: Callable | None = None,
-                 tiled_decode: bool = False) -> GenerationResult:
-        """Text-encode → sample → decode one request; returns images, latents and this run's ledger."""
+                 tiled_decode: bool = False, init_image: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None) -> GenerationResult:
+        """Text-encode → sample → decode one request; returns images, latents and this run's ledger.
+        img2img: `init_image` [1|B,3,H,W] in [0,1] at the settings' size, with `settings.denoise`; inpainting:
+        `mask` [H,W] (1 = regenerate, 0 = keep)."""
         settings = replace(settings) if settings is not None else GenerationSettings()
         validate_size(settings.width, settings.height)
         self.ledger = Ledger()
         cond, uncond = self.encode([prompt, negative], system_prompt)
-        latents = self.sample(cond, uncond, settings, callback)
+        latent = None if init_image is None else init_latent(self.encode_image(init_image, tiled=tiled_decode), mask,
+                                                              settings.batch, settings.height, settings.width)
+        latents = self.sample(cond, uncond, settings, callback, latent=latent)
         images, notes = self.decode(latents, tiled=tiled_decode)
         return GenerationResult(images=images, latents=latents, ledger=self.ledger, notes=notes)

@@ -67,11 +67,12 @@ def out_of_memory_error(stage: str, device: torch.device | str, hint: str) -> St
 
 # The one out-of-memory hint table. Stage keys as the pipeline names them; `{...}` fields are spelled per host
 # (`HOST_OPTIONS`), so the CLI names its flags and ComfyUI its node inputs and start options.
-STAGE_NAMES = {"text": "text encoding", "dit": "DiT sampling", "vae": "VAE decode"}
+STAGE_NAMES = {"text": "text encoding", "dit": "DiT sampling", "vae": "VAE decode", "vae_encode": "VAE encode"}
 LOW_VRAM_HINTS = {
     "text": "Lower-memory options: {text_fp8}, {text_lowvram}, or a shorter prompt.",
     "dit": "Lower-memory options: {dit_fp8}, {dit_lowvram}, a smaller image{size_extra}, batch 1{purge}.",
     "vae": "Lower-memory options: {vae_tiled}, a smaller image{purge}{vae_lowvram}.",
+    "vae_encode": "Lower-memory options: {vae_encode_tiled}, a smaller image{vae_lowvram}.",
 }
 HOST_OPTIONS = {
     "cli": {
@@ -81,6 +82,7 @@ HOST_OPTIONS = {
         "dit_lowvram": "the low-VRAM mode (--lowvram: streams DiT blocks, under 2 GiB at 1024²)",
         "size_extra": "", "purge": "",
         "vae_tiled": "tiled decoding (--tiled-decode, also part of --lowvram)", "vae_lowvram": "",
+        "vae_encode_tiled": "tiled encoding (--tiled-decode also tiles the init image's encode; part of --lowvram)",
     },
     "comfyui": {
         "text_fp8": "NewBie Text Encoder Loader precision fp8_e4m3fn",
@@ -90,6 +92,7 @@ HOST_OPTIONS = {
         "size_extra": " (width/height)", "purge": ", a NewBie Memory Purge before this node",
         "vae_tiled": "tiled on in NewBie VAE Decode (a full decode already retries in tiles down to 128 px)",
         "vae_lowvram": ", or start ComfyUI with --lowvram",
+        "vae_encode_tiled": "tiled on in NewBie VAE Encode (a full encode already retries in tiles down to 128 px)",
     },
 }
 

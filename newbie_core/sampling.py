@@ -12,6 +12,15 @@ Solvers, matching the official `transport/` code:
 | `dpmpp_2m` | intervals (official `sample_dpm`)    | steps     | steps             |
 
 So the demo default "18 steps, midpoint" is 17 intervals and 34 evaluations (each a CFG pair while guiding).
+
+img2img / inpainting (`sample(..., init=, denoise=, noise_mask=)`, ComfyUI KSampler's meaning): with `denoise`
+d < 1 the schedule is built for `int(n / d)` intervals (n = the intervals `steps` gives above) and only its last
+n intervals run, so `steps` keeps its meaning (same intervals, same model evaluations as at d = 1) and d is the
+fraction of the schedule that runs. The state starts at that schedule point's t from the input latent mixed with
+the seeded noise, `x_t = t·x0 + (1 − t)·noise`. d = 1 starts from pure noise exactly as text-to-image (the input
+content is then used only through `noise_mask`); d = 0 returns the input latent. `noise_mask` (1 = regenerate,
+0 = keep, soft values blend) replaces the kept region with the input re-noised to the current t before every
+model evaluation and after every interval, so it ends as the input latent exactly.
 """
 from __future__ import annotations
 
@@ -172,11 +181,10 @@ def _velocity(velocity_fn: VelocityFn, x: torch.Tensor, t) -> torch.Tensor:
     return v.float()
 
 
-def _sample_fixed_grid(velocity_fn, x, steps, shift, midpoint, callback):
+def _sample_fixed_grid(velocity_fn, x, grid, midpoint, callback, keep=None):
     # torchdiffeq FixedGridODESolver semantics: dt = t1 − t0 (fp32), y1 = y0 + dt·f(t0, y0) for euler;
-    # midpoint: y_mid = y0 + f0·dt/2, y1 = y0 + dt·f(t0 + dt/2, y_mid).
-    grid = time_grid(steps, shift)
-    total = steps - 1
+    # midpoint: y_mid = y0 + f0·dt/2, y1 = y0 + dt·f(t0 + dt/2, y_mid). `keep(x, t)`: the inpainting projection.
+    total = len(grid) - 1
     for i in range(total):
         t0, t1 = grid[i], grid[i + 1]
         dt = t1 - t0
@@ -191,6 +199,8 @@ def _sample_fixed_grid(velocity_fn, x, steps, shift, midpoint, callback):
         else:
             denoised = x + (1.0 - t0.item()) * f0
             x = x + dt.item() * f0
+        if keep is not None:
+            x = keep(x, t1)
         if callback is not None:
             callback(StepInfo(step=i, total=total, x=x, t=float(t1), denoised=denoised))
     return x
@@ -212,12 +222,12 @@ def _lam(sigma: float) -> float:
     return math.inf if sigma <= 0.0 else math.log(1.0 - sigma) - math.log(sigma)
 
 
-def _sample_dpmpp_2m(velocity_fn, x, steps, shift, callback):
+def _sample_dpmpp_2m(velocity_fn, x, sig_t, callback, keep=None):
     # DPM-Solver++ (data prediction), multistep order 2, "dpmsolver" type, lower_order_final=True, exactly as
     # the official DPM_Solver.sample(method="multistep", order=2, skip_type="time_uniform_flow").
     # The official data prediction (x − σ·noise)/α with noise = x − α·v simplifies to x + σ·v, which we use
     # (same value, without the fp32 cancellation near σ = 1). Scalar coefficients are computed in float64.
-    sig_t = dpm_sigmas(steps, shift)
+    steps = len(sig_t) - 1
     sig = [float(s) for s in sig_t]
     model_t = 1.0 - sig_t  # fp32, as the official `1 - t_continuous`
 
@@ -240,6 +250,8 @@ def _sample_dpmpp_2m(velocity_fn, x, steps, shift, callback):
             r0 = h_0 / h
             d1 = (1.0 / r0) * (m_prev[-1] - m_prev[-2])
             x = ratio * x - (alpha_t * phi_1) * m_prev[-1] - 0.5 * (alpha_t * phi_1) * d1
+        if keep is not None:
+            x = keep(x, model_t[k])
         k_prev = (k_prev + [k])[-2:]
         if k < steps:
             m_prev = (m_prev + [data_pred(x, k)])[-2:]
@@ -251,6 +263,51 @@ def _sample_dpmpp_2m(velocity_fn, x, steps, shift, callback):
     return x
 
 
+def _check_denoise(denoise) -> float:
+    if isinstance(denoise, bool) or not isinstance(denoise, (int, float)) or not 0.0 <= float(denoise) <= 1.0:
+        raise InputError(f"denoise must be a number from 0 to 1 (1 = from pure noise; got {denoise!r}).")
+    return float(denoise)
+
+
+def schedule(steps: int, solver: str, shift: float, denoise: float = 1.0) -> torch.Tensor:
+    """The times the state passes through (fp32): `time_grid` points (euler/midpoint) or 1 − `dpm_sigmas`
+    (dpmpp_2m). With `denoise` d < 1 (ComfyUI's meaning): the schedule of `int(n / d)` intervals, of which only
+    the last n (the intervals `steps` gives at d = 1) are kept; d = 1 is exactly the text-to-image schedule."""
+    solver = _normalise_solver(solver)
+    points = _kept_points(steps, solver, shift, denoise)
+    return 1.0 - points if solver == "dpmpp_2m" else points
+
+
+def _kept_points(steps: int, solver: str, shift: float, denoise: float) -> torch.Tensor:
+    """`schedule` in the solver's own variable: grid times (fixed grid) or σ (dpmpp_2m), sliced from the full one."""
+    steps, denoise = _check_steps(steps), _check_denoise(denoise)
+    if denoise <= 0.0:
+        raise InputError("denoise 0 runs no step: there is no schedule (sample() returns the input latent).")
+    n = steps if solver == "dpmpp_2m" else steps - 1
+    full = n if denoise >= 1.0 else max(n, int(n / denoise))
+    if solver == "dpmpp_2m":
+        return dpm_sigmas(full, shift)[-(n + 1):]
+    return time_grid(full + 1, shift)[-(n + 1):]
+
+
+def inpaint_projection(init: torch.Tensor, noise: torch.Tensor, noise_mask: torch.Tensor):
+    """`keep(x, t)`: `m·x + (1 − m)·(t·init + (1 − t)·noise)`, the kept region (mask 0) set to the input re-noised
+    to time t (t = 1: the input itself). `noise_mask` [B|1, C|1, H, W], 1 = regenerate, 0 = keep."""
+    m = noise_mask.to(device=noise.device, dtype=torch.float32)
+    x0, n = init.to(device=noise.device, dtype=torch.float32), noise.float()
+    try:
+        inv = (1.0 - m).expand_as(x0)
+    except RuntimeError as e:
+        raise InputError(f"The noise mask of shape {tuple(noise_mask.shape)} does not fit latents of shape "
+                         f"{tuple(x0.shape)}.") from e
+
+    def keep(x: torch.Tensor, t) -> torch.Tensor:
+        t = float(t)
+        return x * m + (t * x0 + (1.0 - t) * n) * inv
+
+    return keep
+
+
 @torch.no_grad()
 def sample(
     velocity_fn: VelocityFn,
@@ -259,6 +316,10 @@ def sample(
     solver: str = "euler",
     shift: float = 6.0,
     callback: Optional[Callable[[StepInfo], None]] = None,
+    *,
+    init: Optional[torch.Tensor] = None,
+    denoise: float = 1.0,
+    noise_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Integrate dx/dt = velocity_fn(x, t) from noise (t = 0) to data (t = 1); returns the fp32 final state.
 
@@ -267,15 +328,37 @@ def sample(
     grid points) or "dpmpp_2m" (official `sample_dpm`, `steps` intervals, flow_shift = `shift`); see the
     module docstring for step counts and `evaluations()`. `callback(StepInfo)` runs after every interval;
     an exception raised there (e.g. `InterruptedByUser`) propagates and cancels sampling.
+
+    img2img / inpainting (module docstring): `init` is the input latent in model space (scaled, shape of
+    `noise`), `denoise` the fraction of the schedule to run (`schedule()`; 0 returns `init`), `noise_mask`
+    (broadcastable to the latents; 1 = regenerate, 0 = keep) keeps the input wherever it is 0.
+    With the defaults this is bit-for-bit text-to-image.
     """
     solver = _normalise_solver(solver)
     steps = _check_steps(steps)
+    denoise = _check_denoise(denoise)
     if not shift > 0:
         raise InputError(f"shift must be > 0 (got {shift!r}).")
+    if init is None and (denoise < 1.0 or noise_mask is not None):
+        raise InputError("denoise < 1 and a noise mask need an input latent (img2img): connect an encoded image.")
+    if init is not None and tuple(init.shape) != tuple(noise.shape):
+        raise InputError(f"The input latent has shape {tuple(init.shape)} but the noise {tuple(noise.shape)}.")
+    if denoise <= 0.0:
+        return init.float().clone()
     x = noise.float()
+    keep = None if noise_mask is None else inpaint_projection(init, noise, noise_mask)
+    if keep is not None:
+        inner = velocity_fn
+        velocity_fn = lambda x_, t_: inner(keep(x_, t_.reshape(-1)[0]), t_)  # noqa: E731 - model sees the kept input
+    if denoise < 1.0:  # start at the first kept schedule point: x_t = t·x0 + (1 − t)·noise
+        t0 = float(schedule(steps, solver, float(shift), denoise)[0])
+        x = t0 * init.to(x.device, torch.float32) + (1.0 - t0) * x
+        if keep is not None:
+            x = keep(x, t0)
+    points = _kept_points(steps, solver, float(shift), denoise)  # at denoise 1: time_grid / dpm_sigmas, unchanged
     if solver == "dpmpp_2m":
-        return _sample_dpmpp_2m(velocity_fn, x, steps, float(shift), callback)
-    return _sample_fixed_grid(velocity_fn, x, steps, float(shift), solver == "midpoint", callback)
+        return _sample_dpmpp_2m(velocity_fn, x, points, callback, keep)
+    return _sample_fixed_grid(velocity_fn, x, points, solver == "midpoint", callback, keep)
 
 
 def make_noise(seed: int, batch: int, height: int, width: int, channels: int = 16) -> torch.Tensor:

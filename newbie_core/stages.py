@@ -11,18 +11,19 @@ settings give the same image bit for bit whichever host ran them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
 from .errors import ModelFileError
+from .img2img import crop_to_multiple, sampler_start
 from .precision import check_finite
-from .sampling import GuidedVelocity, StepInfo, intervals, make_noise
+from .sampling import GuidedVelocity, StepInfo, intervals
 from .sizes import validate_size
 from .sampling import sample as integrate
 from .text.encode import PromptEmbeddings, concat_embeddings, encode_cached
-from .vae import LATENT_CHANNELS, VAE_SCALE_FACTOR, scale_latents, unscale_latents
+from .vae import VAE_SCALE_FACTOR, scale_latents, unscale_latents
 
 
 @dataclass
@@ -45,6 +46,7 @@ class GenerationSettings:
     renorm: float = 0.0
     seed: int = 0
     batch: int = 1
+    denoise: float = 1.0  # img2img (ComfyUI's meaning, see sampling.sample); 1 = from pure noise
 
 
 # ------------------------------------------------------------------------------------------------- text
@@ -69,14 +71,21 @@ def _placed_checked(host, role: str, clear_cache: bool = True):
 
 # ---------------------------------------------------------------------------------------------- sampling
 def sample(host, cond: PromptEmbeddings, uncond: PromptEmbeddings, settings: GenerationSettings,
-           on_step: Callable[[StepInfo], None] | None = None) -> torch.Tensor:
+           on_step: Callable[[StepInfo], None] | None = None, latent: dict | None = None) -> torch.Tensor:
     """Sample from seeded CPU noise with the official sampler; returns unscaled latents [B,16,H/8,W/8] (fp32,
     on `host.output_device`), the format of ComfyUI's LATENT. Size, caption width and the DiT's position
-    table are checked before the DiT is placed on its device."""
+    table are checked before the DiT is placed on its device.
+
+    `latent`: a core LATENT dict (unscaled `samples`, optional `noise_mask`, `batch_index`) to start from:
+    img2img with `settings.denoise` < 1, inpainting with a mask (`img2img.sampler_start`); its size and batch
+    replace the settings'. An all-zero latent only gives the size."""
+    if latent is not None:
+        b, _, lh, lw = latent["samples"].shape
+        settings = replace(settings, batch=b, height=lh * VAE_SCALE_FACTOR, width=lw * VAE_SCALE_FACTOR)
     validate_size(settings.width, settings.height)
     with host.measure("dit") as rec:
         try:
-            x = _sample_placed(host, cond, uncond, settings, on_step)
+            x = _sample_placed(host, cond, uncond, settings, on_step, latent)
         except BaseException as e:
             host.fail("dit", e)
         if rec is not None:
@@ -84,11 +93,13 @@ def sample(host, cond: PromptEmbeddings, uncond: PromptEmbeddings, settings: Gen
     return x
 
 
-def _sample_placed(host, cond, uncond, settings: GenerationSettings, on_step) -> torch.Tensor:
+def _sample_placed(host, cond, uncond, settings: GenerationSettings, on_step, latent: dict | None) -> torch.Tensor:
     # Its own frame: on failure every tensor of the run (noise, embedding copies, latents) is a local here, and
     # the host's `fail` frees them all (recovery.release_failure) before the error leaves the stage.
     b, h, w = settings.batch, settings.height // VAE_SCALE_FACTOR, settings.width // VAE_SCALE_FACTOR
-    noise = make_noise(settings.seed, b, h, w, LATENT_CHANNELS)
+    empty = {"samples": torch.zeros(b, 1, h, w)}  # text-to-image: only the size
+    start = sampler_start(latent if latent is not None else empty, settings.seed, settings.denoise)
+    noise = start.noise
     dit = host.peek("dit")
     dit.check_size(h, w)
     check_conditioning(dit.config, cond, uncond)  # encoders of another width: say so before loading
@@ -97,9 +108,13 @@ def _sample_placed(host, cond, uncond, settings: GenerationSettings, on_step) ->
         velocity = guided_velocity(host.dit_forward(dit), dit, cond, uncond, b, device, precision.compute, h, w,
                                    settings.cfg, settings.cfg_trunc, settings.renorm)
         callback = _chain(host.step_callback(intervals(settings.steps, settings.solver)), on_step)
-        x = integrate(velocity, noise.to(device), settings.steps, settings.solver, settings.shift, callback)
+        x = integrate(velocity, noise.to(device), settings.steps, settings.solver, settings.shift, callback,
+                      init=start.init, denoise=settings.denoise, noise_mask=start.noise_mask)
         check_finite(x, "DiT sampling", precision)
-        return unscale_latents(x.float()).to(host.output_device)
+        out = unscale_latents(x.float()).cpu()
+        if start.noise_mask is not None:  # where nothing is regenerated the input comes back bit for bit
+            out = torch.where(start.noise_mask == 0, latent["samples"].float().cpu(), out)
+        return out.to(host.output_device)
 
 
 def _chain(*callbacks):
@@ -163,6 +178,31 @@ def activation_bytes(config, b: int, h: int, w: int, cond: PromptEmbeddings, unc
 
 
 # -------------------------------------------------------------------------------------------------- VAE
+def encode_image(host, images: torch.Tensor, tiled: bool = False) -> tuple[torch.Tensor, bool]:
+    """Images [B,3,H,W] in [0,1] (centre-cropped to multiples of 16 px) → unscaled latents (core LATENT
+    `samples`, fp32 on `host.output_device`) for img2img. Tiled on request; a full encode that runs out of
+    memory is retried in tiles. Returns (latents, used tiles)."""
+    with host.measure("vae") as rec:
+        try:
+            z, used_tiled = _encode_placed(host, crop_to_multiple(images), tiled)
+        except BaseException as e:
+            host.fail("vae_encode", e)
+        if rec is not None:
+            rec.notes.append("encode" + (" (tiled)" if used_tiled else ""))
+    return z, used_tiled
+
+
+def _encode_placed(host, images: torch.Tensor, tiled: bool) -> tuple[torch.Tensor, bool]:
+    precision = host.precision("vae")
+    with host.placed("vae") as vae:
+        if tiled:
+            z, used_tiled = vae.encode(images, tiled=True), True
+        else:
+            z, used_tiled = vae.encode_with_fallback(images)
+        check_finite(z, "VAE encode", precision)
+        return unscale_latents(z.float()).to(host.output_device), used_tiled
+
+
 def decode(host, latents: torch.Tensor, tiled: bool = False) -> tuple[torch.Tensor, bool]:
     """Decode unscaled latents (core LATENT) to images [B,3,H,W] in [0,1] (fp32, on `host.output_device`).
     Tiled on request; a full decode that runs out of memory is retried in tiles. Returns (images, used tiles)."""

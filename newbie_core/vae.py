@@ -318,12 +318,58 @@ class FluxVAE:
         return out / weight
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B,3,H,W] in [0,1] → scaled latents (float32, the posterior mean), on the VAE's device."""
+    def encode(self, images: torch.Tensor, tiled: bool = False, tile: int | None = None) -> torch.Tensor:
+        """Images [B,3,H,W] in [0,1] (H, W multiples of 8) → scaled latents (float32, the posterior mean, as
+        ComfyUI's VAE Encode), on the VAE's device. `tiled`: encode `tile`-latent-pixel tiles (default
+        `tile_size`, i.e. 512 px) with feather-blended overlaps, for less memory."""
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] % self.upscale or images.shape[-2] % self.upscale:
+            raise InputError(f"VAE encode needs images [B,3,H,W] with H and W multiples of {self.upscale}; "
+                             f"got {tuple(images.shape)}.")
         p = self._param()
         x = (images.to(device=p.device, dtype=torch.float32) * 2.0 - 1.0).to(p.dtype)
-        mean = self.model.encode(x).latent_dist.mean
-        return scale_latents(mean.float())
+        if not tiled:
+            return scale_latents(self._encode_mean(x).float())
+        tile, f = tile or self.tile_size, self.upscale
+        overlap, h, w = self.tile_overlap * tile // self.tile_size, x.shape[-2] // f, x.shape[-1] // f
+        out = torch.zeros(x.shape[0], self.model.config.latent_channels, h, w, dtype=torch.float32, device=p.device)
+        weight = torch.zeros(1, 1, h, w, dtype=torch.float32, device=p.device)
+        ys, xs = _positions(h, tile, overlap), _positions(w, tile, overlap)
+        for yi, y in enumerate(ys):
+            for xi, x0 in enumerate(xs):
+                z = self._encode_mean(x[:, :, y * f: (y + tile) * f, x0 * f: (x0 + tile) * f]).float()
+                th, tw = z.shape[-2:]
+                wt = _ramp_weights(th, *_shared(ys, yi, tile, h), p.device)[:, None] * \
+                    _ramp_weights(tw, *_shared(xs, xi, tile, w), p.device)[None, :]
+                out[:, :, y: y + th, x0: x0 + tw] += z * wt
+                weight[:, :, y: y + th, x0: x0 + tw] += wt
+        return scale_latents(out / weight)
+
+    def _encode_mean(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.model.encoder(x)
+        if self.model.quant_conv is not None:
+            h = self.model.quant_conv(h)
+        return h.chunk(2, dim=1)[0]  # the posterior's mean (the other half is its log-variance)
+
+    def encode_with_fallback(self, images: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Encode in one piece; on out-of-memory retry tiled, halving the tile down to 16 latent pixels while
+        it still runs out. Returns (scaled latents, used_tiled)."""
+        try:
+            return self.encode(images), False
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            logger.warning("VAE encode of %s ran out of memory; retrying tiled.", tuple(images.shape))
+        tile = self.tile_size
+        while True:
+            empty_device_cache(self.device)
+            try:
+                return self.encode(images, tiled=True, tile=tile), True
+            except Exception as e:
+                if not is_out_of_memory(e) or tile // 2 < 16:
+                    raise
+                logger.warning("Tiled VAE encode ran out of memory at %d px tiles; trying %d px.",
+                               tile * self.upscale, tile // 2 * self.upscale)
+            tile //= 2
 
     def decode_with_fallback(self, latents: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Decode in one piece; on out-of-memory free the failed attempt's memory and decode tiled

@@ -10,11 +10,12 @@ from .prompt_enhance import NewBiePromptEnhance
 from .sampler import NewBieDiTSampler
 from .text_encode import NewBieTextEncode
 from .vae_decode import NewBieVAEDecode
+from .vae_encode import NewBieVAEEncode
 from .xml_prompt import NewBieXMLAssemble, NewBieXMLCharacter, NewBieXMLGeneralTags
 
 NODES: list[type[io.ComfyNode]] = [
     NewBieDiTLoader, NewBieTextEncoderLoader, NewBieVAELoader, NewBieTextEncode, NewBieDiTSampler,
-    NewBieVAEDecode, NewBieMemoryPurge, NewBieXMLCharacter, NewBieXMLGeneralTags, NewBieXMLAssemble,
+    NewBieVAEDecode, NewBieVAEEncode, NewBieMemoryPurge, NewBieXMLCharacter, NewBieXMLGeneralTags, NewBieXMLAssemble,
     NewBiePromptEnhance, NewBieLoraLoader, NewBieLoraLoaderMulti,
 ]
 

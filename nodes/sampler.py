@@ -45,14 +45,19 @@ class NewBieDiTSampler(io.ComfyNode):
                 io.Int.Input("height", default=1024, min=16, max=4096, step=16, tooltip="Multiple of 16."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per run."),
                 io.Latent.Input("latent", optional=True,
-                                tooltip="Optional: take width, height and batch from this latent instead."),
+                                tooltip="Optional: take width, height and batch from this latent instead; with "
+                                        "denoise < 1 start from its image (img2img), and honour its noise_mask "
+                                        "(inpainting) and batch_index."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="As core KSampler: the fraction of the schedule that runs, starting from the "
+                                       "latent's image. 1 = from pure noise; 0.3-0.6 = img2img / hires-fix."),
             ],
             outputs=[io.Latent.Output(tooltip="Unscaled FLUX latents (LATENT), for NewBie or core VAE Decode.")],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, seed, steps, cfg, shift, solver, cfg_trunc, renorm, width,
-                height, batch_size, latent=None) -> io.NodeOutput:
+                height, batch_size, latent=None, denoise=1.0) -> io.NodeOutput:
         if latent is not None:
             batch_size, _, lh, lw = latent["samples"].shape
             height, width = lh * VAE_SCALE_FACTOR, lw * VAE_SCALE_FACTOR
@@ -62,6 +67,6 @@ class NewBieDiTSampler(io.ComfyNode):
         cond, uncond = from_conditioning(positive, "positive"), from_conditioning(negative, "negative")
         settings = stages.GenerationSettings(width=width, height=height, steps=steps, cfg=cfg, shift=shift,
                                              solver=solver, cfg_trunc=cfg_trunc, renorm=renorm, seed=seed,
-                                             batch=batch_size)
-        samples = stages.sample(_comfy.ComfyHost(model=model), cond, uncond, settings)
+                                             batch=batch_size, denoise=denoise)
+        samples = stages.sample(_comfy.ComfyHost(model=model), cond, uncond, settings, latent=latent)
         return io.NodeOutput({"samples": samples})

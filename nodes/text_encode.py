@@ -5,6 +5,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..newbie_core import stages
+from ..newbie_core.conditioning import conditioning_extras, embeddings_from_conditioning
 from ..newbie_core.memory import EmbeddingCache
 from ..newbie_core.text.encode import PromptEmbeddings
 from ..newbie_core.text.prompts import SYSTEM_PROMPTS, looks_like_xml, resolve_system_prompt
@@ -18,24 +19,16 @@ PRESETS = ["auto", "xml", "tags", "demo", "none", "custom"]
 
 
 def to_conditioning(emb: PromptEmbeddings) -> list:
-    """Core CONDITIONING: [[cap_feats [1,L,D], {"attention_mask": [1,L], "pooled_output": [1,Dclip]}]]."""
+    """Core CONDITIONING: [[cap_feats [1,L,D], {"attention_mask": [1,L], "pooled_output": [1,Dclip], ...}]]
+    (newbie_core.conditioning.conditioning_extras: also the key ComfyUI-NewBie 0.4.0's native model reads)."""
     dev = _comfy.intermediate_device()
-    return [[emb.cap_feats.to(dev), {"attention_mask": emb.cap_mask.to(dev), "pooled_output": emb.pooled.to(dev)}]]
+    return [[emb.cap_feats.to(dev), conditioning_extras(emb.cap_mask.to(dev), emb.pooled.to(dev))]]
 
 
 def from_conditioning(cond: list, what: str) -> PromptEmbeddings:
-    """PromptEmbeddings from core CONDITIONING (first entry); a missing mask means every token is real."""
-    if not cond:
-        raise ValueError(f"The {what} conditioning is empty; connect NewBie Text Encode.")
-    feats, extra = cond[0][0], cond[0][1]
-    mask = extra.get("attention_mask")
-    if mask is None:
-        mask = torch.ones(feats.shape[:2], dtype=torch.long)
-    pooled = extra.get("pooled_output")
-    if pooled is None:
-        raise ValueError(f"The {what} conditioning has no pooled_output (the Jina vector): encode it with "
-                         f"NewBie Text Encode rather than a core CLIP node.")
-    return PromptEmbeddings(cap_feats=feats, cap_mask=mask.reshape(feats.shape[:2]), pooled=pooled.reshape(feats.shape[0], -1))
+    """PromptEmbeddings from core CONDITIONING: ours, upstream ComfyUI's native NewBie encoder's, the 0.4.0 fork's;
+    core conditioning nodes' results defined or refused (newbie_core.conditioning)."""
+    return embeddings_from_conditioning(cond, what)
 
 
 class NewBieTextEncode(io.ComfyNode):

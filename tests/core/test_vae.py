@@ -217,3 +217,34 @@ def test_decode_rejects_wrong_latents(tiny):
     v = load_vae(tiny[1]["vae_hf"])
     with pytest.raises(InputError, match=r"\[B,16,h,w\]"):
         v.decode(torch.zeros(1, 4, 8, 8))
+
+
+def test_tiled_encode_close_to_full_and_input_checks(tiny):
+    from newbie_core.errors import InputError
+
+    v = load_vae(tiny[1]["vae_hf"], tile_size=4, tile_overlap=2)  # 32 px tiles over a 48×64 picture
+    img = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(2))
+    full, tiled = v.encode(img), v.encode(img, tiled=True)
+    assert tiled.shape == full.shape == (2, 16, 6, 8)
+    assert torch.allclose(v.encode(img, tiled=True, tile=8), full, atol=1e-5)  # one tile covering it all = full
+    other = v.encode(torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(9)))
+    assert not torch.equal(tiled, full)  # blended tiles: near the full encode, far from another picture's
+    assert (tiled - full).abs().mean() < 0.5 * (other - full).abs().mean()
+    assert torch.equal(v.encode_with_fallback(img)[0], full)
+    with pytest.raises(InputError, match="multiples of 8"):
+        v.encode(torch.rand(1, 3, 50, 64))
+
+
+def test_encode_falls_back_to_tiles_after_out_of_memory(tiny, monkeypatch):
+    v = load_vae(tiny[1]["vae_hf"], tile_size=4, tile_overlap=2)
+    img = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    real = v._encode_mean
+
+    def fake(x):
+        if x.shape[-1] > 32:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(x)
+
+    monkeypatch.setattr(v, "_encode_mean", fake)
+    z, used_tiled = v.encode_with_fallback(img)
+    assert used_tiled and z.shape == (1, 16, 8, 8)

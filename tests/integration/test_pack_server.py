@@ -12,7 +12,7 @@ from comfy_server import PACK_NAME, PromptError
 from test_workflows import WORKFLOWS, load_workflow, nodes_of, workflow_api
 
 PACK_NODE_IDS = ["NewBieDiTLoader", "NewBieTextEncoderLoader", "NewBieVAELoader", "NewBieTextEncode",
-                 "NewBieDiTSampler", "NewBieVAEDecode", "NewBieMemoryPurge", "NewBieXMLCharacter",
+                 "NewBieDiTSampler", "NewBieVAEDecode", "NewBieVAEEncode", "NewBieMemoryPurge", "NewBieXMLCharacter",
                  "NewBieXMLGeneralTags", "NewBieXMLAssemble", "NewBiePromptEnhance", "NewBieLoraLoader",
                  "NewBieLoraLoaderMulti"]
 DIT, GEMMA, JINA, VAE = ("NewBie-Image-Exp0.1.safetensors", "gemma_3_4b_it_bf16.safetensors",

@@ -15,12 +15,16 @@ from pathlib import Path
 import pytest
 
 from comfy_server import REPO_ROOT, ComfyServer
-from workflow_convert import _has_control, ui_to_api, widget_inputs
+from workflow_convert import UPLOAD_KEYS, _has_control, ui_to_api, widget_inputs
 
 WORKFLOW_DIR = REPO_ROOT / "workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 EXPECTED_WORKFLOWS = {"newbie_basic_t2i", "newbie_xml_multi_character", "newbie_low_vram", "newbie_precision_swap",
-                      "newbie_interop_core_nodes", "newbie_prompt_enhance", "newbie_lora"}
+                      "newbie_interop_core_nodes", "newbie_prompt_enhance", "newbie_lora", "newbie_img2img",
+                      "newbie_inpaint", "newbie_hires_fix", "newbie_comfyui_template_ksampler"}
+# Nodes that set the image size without being samplers (shrunk too) and the latent upscalers (scale the size).
+SIZE_NODES = {"EmptyLatentImage", "EmptySD3LatentImage"}
+EXAMPLE_IMAGE = "newbie_example.png"  # the Load Image placeholder of the img2img / inpaint workflows
 NOTE_TYPES = {"Note", "MarkdownNote"}
 # The names users download (newbie_core/tiny/__init__.py); the only model names a workflow may use.
 MODEL_FILES = {
@@ -62,7 +66,7 @@ def shrink(api: dict, object_info: dict, size: int = TEST_SIZE, steps: int = TES
     for node in api.values():
         if isinstance(node["inputs"].get("max_new_tokens"), int):
             node["inputs"]["max_new_tokens"] = TEST_NEW_TOKENS
-        if not is_sampler(node["class_type"], object_info):
+        if not (is_sampler(node["class_type"], object_info) or node["class_type"] in SIZE_NODES):
             continue
         inputs = node["inputs"]
         for name, value in (("width", size), ("height", size), ("steps", steps)):
@@ -70,6 +74,10 @@ def shrink(api: dict, object_info: dict, size: int = TEST_SIZE, steps: int = TES
                 inputs[name] = value
         if isinstance(inputs.get("width"), int) and isinstance(inputs.get("height"), int):
             sizes.append((inputs["width"], inputs["height"]))
+    for node in api.values():  # Upscale Latent By: its result's size too (latent pixels scaled, rounded as core)
+        if node["class_type"] == "LatentUpscaleBy":
+            f = node["inputs"]["scale_by"]
+            sizes += [(round(w / 8 * f) * 8, round(h / 8 * f) * 8) for w, h in list(sizes)]
     return sizes
 
 
@@ -121,6 +129,21 @@ def flux_arch_vae(comfy, tmp_path_factory) -> str:
     save_file({k: v.contiguous() for k, v in diffusers_to_bfl_vae(sd).items()}, str(path))
     comfy.place_models({f"vae/{FLUX_VAE_SUBDIR}/ae.safetensors": path})
     return f"{FLUX_VAE_SUBDIR}/ae.safetensors"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def example_image(comfy_server):
+    """A 64×64 RGBA picture in the server's input/ folder under the img2img/inpaint workflows' placeholder name;
+    its alpha is 0 in the centre, so Load Image's MASK (1 − alpha) marks the centre for repainting."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (TEST_SIZE, TEST_SIZE, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[16:48, 16:48, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(comfy_server.base / "input" / EXAMPLE_IMAGE)
+    return EXAMPLE_IMAGE
 
 
 # ----------------------------------------------------------------------------------------------- tests
@@ -176,7 +199,8 @@ def test_workflow_is_well_formed(comfy, path):
         for out in n.get("outputs") or []:
             assert all(lid in links for lid in out["links"] or []), f"node {n['id']}: dangling output link"
         widgets = widget_inputs(info[typ])
-        expected = len(widgets) + sum(_has_control(w, t, o) for w, t, o in widgets)
+        expected = len(widgets) + sum(_has_control(w, t, o) for w, t, o in widgets) + \
+            sum(bool(o.get(key)) for _, _, o in widgets for key in UPLOAD_KEYS)  # Load Image's "image" button
         assert len(n["widgets_values"]) == expected, f"node {n['id']} ({typ}): {len(n['widgets_values'])} widget " \
                                                      f"values, expected {expected} ({[w[0] for w in widgets]})"
         for inp in n.get("inputs") or []:
@@ -196,7 +220,7 @@ def test_workflow_is_well_formed(comfy, path):
                 assert value in MODEL_FILES, f"node {nid}: {name}={value!r}"
     # Realistic defaults: the users run these as shipped.
     for node in api.values():
-        if is_sampler(node["class_type"], info):
+        if (is_sampler(node["class_type"], info) or node["class_type"] in SIZE_NODES) and "width" in node["inputs"]:
             assert (node["inputs"]["width"], node["inputs"]["height"]) == (1024, 1024)
 
 
@@ -264,10 +288,44 @@ def test_workflow_runs(comfy, path, request):
     if "NewBieVAEDecode" in {n["class_type"] for n in api.values()}:
         (dec,) = nodes_of(api, "NewBieVAEDecode")
         note = outputs[dec]["text"][0]
-        assert f"decoded ({TEST_SIZE}, {TEST_SIZE})" in note
+        assert any(f"decoded ({h}, {w})" in note for w, h in sizes), note
         if api[dec]["inputs"]["tiled"]:
             assert "tiled" in note
         if api[dec]["inputs"]["precision"] == "fp32":
             assert "fp32" in note
     for purge in nodes_of(api, "NewBieMemoryPurge"):
         assert "models held by NewBie nodes" in outputs[purge]["text"][0]
+
+
+def test_template_workflow_uses_comfyuis_newbie_template_settings(comfy):
+    api = ui_to_api(load_workflow("newbie_comfyui_template_ksampler"), comfy.object_info())  # as shipped
+    (ks,) = [n["inputs"] for n in api.values() if n["class_type"] == "KSampler"]
+    assert {k: ks[k] for k in ("steps", "cfg", "sampler_name", "scheduler", "denoise")} == {
+        "steps": 20, "cfg": 5.5, "sampler_name": "res_multistep", "scheduler": "simple", "denoise": 1.0}
+    (ms,) = [n["inputs"] for n in api.values() if n["class_type"] == "ModelSamplingAuraFlow"]
+    assert ms["shift"] == 6.0 and api[ks["model"][0]]["class_type"] == "ModelSamplingAuraFlow"
+    assert api[ms["model"][0]]["class_type"] == "NewBieDiTLoader"
+    assert api[ks["positive"][0]]["class_type"] == "NewBieTextEncode"
+    assert api[ks["latent_image"][0]]["class_type"] == "EmptySD3LatentImage"
+
+
+@pytest.mark.parametrize("name, chain, denoise", [
+    ("newbie_img2img", ["LoadImage", "NewBieVAEEncode"], [0.6]),
+    ("newbie_inpaint", ["LoadImage", "NewBieVAEEncode", "SetLatentNoiseMask"], [0.85]),
+    ("newbie_hires_fix", ["NewBieDiTSampler", "LatentUpscaleBy"], [1.0, 0.5]),
+])
+def test_img2img_workflows_feed_the_sampler_latent(comfy, name, chain, denoise):
+    api = ui_to_api(load_workflow(name), comfy.object_info())
+    samplers = sorted(nodes_of(api, "NewBieDiTSampler"), key=int)
+    assert [api[s]["inputs"]["denoise"] for s in samplers] == denoise
+    last = api[samplers[-1]]["inputs"]
+    src, seen = last["latent"][0], []
+    while src is not None:  # walk the latent back to where it starts
+        node = api[src]
+        seen.append(node["class_type"])
+        link = node["inputs"].get("samples") or node["inputs"].get("pixels") or node["inputs"].get("latent")
+        src = link[0] if isinstance(link, list) else None
+    assert list(reversed(seen)) == chain
+    if name == "newbie_hires_fix":
+        (up,) = nodes_of(api, "LatentUpscaleBy")
+        assert api[up]["inputs"]["scale_by"] == 1.5

@@ -35,7 +35,7 @@ def all_comfy_nodes_defined(pack) -> set:
 
 
 def test_every_node_has_description_category_tooltips_and_id(node_classes):
-    assert len(node_classes) == 13
+    assert len(node_classes) == 14
     ids = []
     for cls in node_classes:
         schema = cls.GET_SCHEMA()

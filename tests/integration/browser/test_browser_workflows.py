@@ -19,12 +19,12 @@ import pytest
 
 from comfy_server import PACK_NAME
 from frontend import ComfyPage
-from test_workflows import WORKFLOWS, flux_arch_vae  # noqa: F401  (flux_arch_vae: a session fixture, reused)
+from test_workflows import SIZE_NODES, TEST_SIZE, WORKFLOWS, example_image, flux_arch_vae  # noqa: F401  (session fixtures, reused)
 
 BROWSER_SIZE, BROWSER_STEPS = 128, 4  # not the HTTP tests' 64 px / 3 steps: no run is served from their cache
 VIRTUAL = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 IMAGE_NODES = {"SaveImage", "PreviewImage"}
-REPORTING_NODES = {"NewBieTextEncode", "NewBieVAEDecode", "NewBieMemoryPurge"}  # ui.text → web/js/newbie.js
+REPORTING_NODES = {"NewBieTextEncode", "NewBieVAEDecode", "NewBieVAEEncode", "NewBieMemoryPurge"}  # ui.text → web/js/newbie.js
 
 
 def _shrink(ui: ComfyPage, vae_name: str, seed: int) -> None:
@@ -34,12 +34,24 @@ def _shrink(ui: ComfyPage, vae_name: str, seed: int) -> None:
         if "sampling" in (node["category"] or "").lower().split("/") and {"width", "height", "steps"} <= names:
             ui.set_widgets(node["id"], {"width": BROWSER_SIZE, "height": BROWSER_SIZE, "steps": BROWSER_STEPS,
                                         **({"seed": seed} if "seed" in names else {})})
+        elif "sampling" in (node["category"] or "").lower().split("/") and "steps" in names:  # core KSampler
+            ui.set_widgets(node["id"], {"steps": BROWSER_STEPS, **({"seed": seed} if "seed" in names else {})})
+        if node["type"] in SIZE_NODES:  # Empty(SD3)LatentImage
+            ui.set_widgets(node["id"], {"width": BROWSER_SIZE, "height": BROWSER_SIZE})
         if node["type"] == "VAELoader":
             ui.set_widgets(node["id"], {"vae_name": vae_name})
 
 
+def _expected_size(workflow: dict) -> int:
+    """The saved image's side: the example picture's for a Load Image workflow, else the shrunk size; ×1.5 after
+    Upscale Latent By (hires-fix)."""
+    types = {n["type"] for n in workflow["nodes"]}
+    size = TEST_SIZE if "LoadImage" in types else BROWSER_SIZE
+    return round(size / 8 * 1.5) * 8 if "LatentUpscaleBy" in types else size
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_loads_runs_and_shows_its_image(ui, path, flux_arch_vae, artifacts_dir):  # noqa: F811
+def test_workflow_loads_runs_and_shows_its_image(ui, path, flux_arch_vae, example_image, artifacts_dir):  # noqa: F811
     text = path.read_text(encoding="utf-8")
     workflow = json.loads(text)
     ui.drop_workflow(path.name, text)
@@ -67,7 +79,7 @@ def test_workflow_loads_runs_and_shows_its_image(ui, path, flux_arch_vae, artifa
         for img in shown[nid]:
             url = urlparse(img["src"])
             assert url.path.endswith("/view") and parse_qs(url.query)["filename"][0] in saved, img
-            assert (img["width"], img["height"]) == (BROWSER_SIZE, BROWSER_SIZE), img
+            assert (img["width"], img["height"]) == (_expected_size(workflow),) * 2, img
 
     # The pack's web extension shows each reporting node's text on the node: the text of this run (/history).
     # Nodes served from ComfyUI's cache do not execute, send nothing and show nothing (the text encode is shared by
