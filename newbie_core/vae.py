@@ -160,15 +160,20 @@ def _build(path: Path, config: dict, sd: dict[str, torch.Tensor], dtype, device)
 def _load_folder(folder: Path, dtype, device):
     cfg_path = folder / "config.json"
     try:
-        config = json.loads(cfg_path.read_text())
-    except Exception as e:
-        raise ModelFileError(f"{cfg_path} is damaged ({e}). Re-download the folder; expected {EXPECTED}.") from e
-    cls = config.get("_class_name", "AutoencoderKL")
-    if cls != "AutoencoderKL":
-        raise ModelFileError(f"{folder} holds a {cls}, not a VAE (AutoencoderKL). Expected {EXPECTED}.")
-    if int(config.get("latent_channels", 0)) != LATENT_CHANNELS:
-        raise _wrong_family(folder, [], f"a VAE with {config.get('latent_channels')} latent channels "
-                            f"(SD/SDXL-style?); NewBie needs the 16-channel FLUX VAE")
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except Exception as e:  # the message names the error kind only, never the file's text
+        raise ModelFileError(f"{cfg_path} is damaged ({type(e).__name__}). Re-download the folder; "
+                             f"expected {EXPECTED}.") from None
+    # Fields of a foreign config.json are never repeated back (a message can reach any HTTP client).
+    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise ModelFileError(f"{folder} holds another kind of model (its config.json does not describe an "
+                             f"AutoencoderKL), not a VAE. Expected {EXPECTED}.")
+    latent = config.get("latent_channels")
+    if not isinstance(latent, int) or isinstance(latent, bool) or latent != LATENT_CHANNELS:
+        shown = f"{latent} latent channels" if isinstance(latent, int) and 0 <= latent < 4096 else "no valid latent_channels"
+        raise _wrong_family(folder, [], f"a VAE with {shown} (SD/SDXL-style?); NewBie needs the 16-channel FLUX VAE")
     main = folder / "diffusion_pytorch_model.safetensors"
     sd = read_state_dict(main if main.is_file() else folder)
     return _build(folder, config, sd, dtype, device)

@@ -24,7 +24,7 @@ import latent_preview
 
 from ..newbie_core import checkpoints
 from ..newbie_core.dit import NextDiT
-from ..newbie_core.files import missing_file_error
+from ..newbie_core.model_names import resolve_model_name
 from ..newbie_core.memory import empty_device_cache, is_out_of_memory
 from ..newbie_core.precision import Precision
 from ..newbie_core.recovery import cleans_up_on_failure, out_of_memory_error, release_failure
@@ -48,20 +48,12 @@ def model_choices(folder_key: str, want_folders: bool = False) -> list[str]:
 
 
 def resolve_model(folder_key: str, name: str, expected: str) -> Path:
-    """Full path of `name` in `folder_key`, or a ModelFileError naming the folders searched and the fix."""
-    if name.endswith("/"):
-        for base in folder_paths.get_folder_paths(folder_key):
-            cand = Path(base) / name.rstrip("/")
-            if (cand / "config.json").is_file():
-                return cand
-    else:
-        path = folder_paths.get_full_path(folder_key, name)
-        if path is not None:
-            return Path(path)
-    searched = ", ".join(folder_paths.get_folder_paths(folder_key))
-    candidates = [c for c in model_choices(folder_key, want_folders=True) if c != "(no files found)"]
-    raise missing_file_error(name, f"the ComfyUI '{folder_key}' folder(s) ({searched})", candidates,
-                             f"Put {expected} there, then refresh (R) and pick it.")
+    """Full path of `name` in `folder_key` (models folder + extra_model_paths), through newbie_core's one name
+    resolver (refuses absolute paths, `..` and links out; see newbie_core.model_names), or a ModelFileError."""
+    bases = folder_paths.get_folder_paths(folder_key)
+    return resolve_model_name(name, bases, f"the ComfyUI '{folder_key}' folder(s) ({', '.join(bases)})",
+                              lambda: model_choices(folder_key, want_folders=True),
+                              f"Put {expected} there, then refresh (R) and pick it.")
 
 
 def device_for(choice: str, default: torch.device) -> torch.device:
