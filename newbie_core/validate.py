@@ -34,7 +34,7 @@ def check_number(value: Any, name: str, lo: float | None = None, hi: float | Non
     """`value` as a finite float within [lo, hi]; NaN, ±inf, bools, non-numbers and values out of range raise
     InputError naming `name` and the allowed range."""
     try:
-        if isinstance(value, bool):
+        if isinstance(value, (bool, str, bytes)):  # a number typed as text is a client bug, not a setting
             raise TypeError
         x = float(value)
     except (TypeError, ValueError):

@@ -25,6 +25,7 @@ import latent_preview
 from ..newbie_core import checkpoints
 from ..newbie_core.dit import NextDiT
 from ..newbie_core.model_names import resolve_model_name
+from ..newbie_core.validate import check_attention, parse_device
 from ..newbie_core.memory import empty_device_cache, is_out_of_memory
 from ..newbie_core.precision import Precision
 from ..newbie_core.recovery import cleans_up_on_failure, out_of_memory_error, release_failure
@@ -57,8 +58,10 @@ def resolve_model(folder_key: str, name: str, expected: str) -> Path:
 
 
 def device_for(choice: str, default: torch.device) -> torch.device:
-    """The device a loader's `device` input names ('default' = ComfyUI's choice for that model kind)."""
-    return default if choice in ("default", "", None) else torch.device(choice)
+    """The device a loader's `device` input names ('default' = ComfyUI's choice for that model kind), checked
+    against this machine by newbie_core (a POSTed 'cuda:7' or 'garbage' is an InputError, not a KeyError later)."""
+    device = parse_device(choice)
+    return default if device is None else device
 
 
 # ------------------------------------------------------------------------------------------------ DiT
@@ -134,7 +137,9 @@ comfyui_attention.supports_key_prefix = True
 
 
 def resolve_attention(name: str):
-    """The DiT loader's attention choice as a callable: ComfyUI's attention, or newbie_core's backends."""
+    """The DiT loader's attention choice as a callable: ComfyUI's attention, or newbie_core's backends.
+    Unknown names raise InputError (they used to fall back to SDPA silently)."""
+    name = check_attention(name, extra=("comfyui",))
     if name == "comfyui":
         return comfyui_attention
     from functools import partial

@@ -8,6 +8,7 @@ from ..newbie_core.loading import file_dtype
 from ..newbie_core.precision import cast_module, parse_precision
 from ..newbie_core.text.gemma import load_gemma
 from ..newbie_core.text.jina import load_jina
+from ..newbie_core.validate import check_attention, parse_device
 from ..newbie_core.vae import load_vae
 from . import _comfy
 from .types import NEWBIE_TEXT_ENCODERS, NEWBIE_VAE, LoadedVAE, TextEncoders
@@ -44,6 +45,7 @@ class NewBieDiTLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, dit_name, precision, attention, compile, device) -> io.NodeOutput:
+        parse_device(device), check_attention(attention, extra=("comfyui",))  # before any file is read
         path = _comfy.resolve_model("diffusion_models", dit_name,
                                     "NewBie-Image-Exp0.1.safetensors (NewBie-AI/NewBie-image-Exp0.1)")
         prec = parse_precision(precision, "dit")
@@ -77,6 +79,7 @@ class NewBieTextEncoderLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, gemma_name, jina_name, precision, device) -> io.NodeOutput:
+        parse_device(device)  # before any file is read
         gpath = _comfy.resolve_model("text_encoders", gemma_name, "gemma_3_4b_it_bf16.safetensors")
         jpath = _comfy.resolve_model("text_encoders", jina_name, "jina_clip_v2_bf16.safetensors")
         gprec, jprec = parse_precision(precision, "gemma"), parse_precision(precision, "jina")
@@ -112,6 +115,7 @@ class NewBieVAELoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae_name, precision, device) -> io.NodeOutput:
+        parse_device(device)  # before any file is read
         path = _comfy.resolve_model("vae", vae_name, "ae.safetensors (FLUX.1-dev VAE)")
         vae = load_vae(path, dtype=file_dtype(path), device="cpu")
         cast_module(vae.model, parse_precision(precision, "vae", _comfy.device_for(device, _comfy.vae_device())))

@@ -5,6 +5,7 @@ from comfy_api.latest import io, ui
 
 from ..newbie_core.precision import check_finite, parse_precision
 from ..newbie_core.vae import scale_latents
+from ..newbie_core.validate import check_latent
 from . import _comfy
 from .types import NEWBIE_VAE
 
@@ -34,7 +35,8 @@ class NewBieVAEDecode(io.ComfyNode):
         name = vae.precision if precision == "auto" else precision
         prec = parse_precision(name, "vae", vae.patcher.load_device)
         try:
-            out, used_tiled = run_decode(vae, samples["samples"], prec, tiled)
+            latents = check_latent(samples.get("samples") if isinstance(samples, dict) else None, "samples", 16)
+            out, used_tiled = run_decode(vae, latents, prec, tiled)
         except BaseException as e:  # OOM even in small tiles, NaN, cancel: free it all; OOM → unload + hint
             _comfy.fail_cleanly(e, "VAE decode", vae.patcher.load_device)
             raise
