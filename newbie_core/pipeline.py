@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from .errors import ModelFileError
+from .files import fingerprint_or_none, loaded_fingerprint
 from .fp8 import enable_fp8_matmul, fp8_matmul_supported
 from .memory import EmbeddingCache, Ledger, StagedModel, default_device, empty_device_cache, file_identity, is_out_of_memory
 from .model_paths import ModelPaths
@@ -154,6 +155,7 @@ class Pipeline:
             loaded = load_role(role, self.paths, attention=self.attention)
             self._wrappers[role] = loaded.wrapper
             self._models[role] = StagedModel(role, loaded.module, loaded.source, loaded.cpu_only, loaded.stream)
+            self._models[role].fingerprint = fingerprint_or_none(loaded.source)
         return self._models[role]
 
     def adopt(self, role: str, wrapper, staged: StagedModel) -> None:
@@ -214,8 +216,8 @@ class Pipeline:
 
     def encode(self, prompts: list[str], system_prompt: str = SYSTEM_PROMPTS["xml"]) -> list[PromptEmbeddings]:
         """Encode prompts (each batch 1, on the CPU), through the embedding cache; the text stage."""
-        identity = (file_identity(getattr(self.paths, "gemma", None)), file_identity(getattr(self.paths, "jina", None)),
-                    self.precision_names["text"])
+        identity = (*(loaded_fingerprint(self._models.get(r), getattr(self.paths, r, None)) for r in ("gemma", "jina")),
+                    self.precision_names["text"])  # the content of what is (or will be) loaded
         try:
             embs, encoded = encode_cached(prompts, system_prompt, self.cache, identity,
                                           lambda: self._on_device("gemma", clear_cache=False),  # Jina reuses it

@@ -57,6 +57,19 @@ def resolve_model(folder_key: str, name: str, expected: str) -> Path:
                               f"Put {expected} there, then refresh (R) and pick it.")
 
 
+def model_fingerprint(folder_key: str, name: str) -> str:
+    """Content fingerprint of a model name's file(s) (header bytes, size, mtime_ns), for the loaders'
+    `fingerprint_inputs`: a file replaced under the same name re-runs the loader. A name that cannot be resolved
+    gives a constant ("unresolved"): the loader then runs and raises its clear error."""
+    from ..newbie_core.errors import NewBieError
+    from ..newbie_core.files import fingerprint_or_none
+
+    try:
+        return fingerprint_or_none(resolve_model(folder_key, name, "the model")) or "unreadable"
+    except NewBieError:
+        return "unresolved"
+
+
 def device_for(choice: str, default: torch.device) -> torch.device:
     """The device a loader's `device` input names ('default' = ComfyUI's choice for that model kind), checked
     against this machine by newbie_core (a POSTed 'cuda:7' or 'garbage' is an InputError, not a KeyError later)."""

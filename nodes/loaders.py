@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..newbie_core.attention import flash_attn_available
+from ..newbie_core.files import fingerprint_or_none
 from ..newbie_core.loading import file_dtype
 from ..newbie_core.precision import cast_module, parse_precision
 from ..newbie_core.text.gemma import load_gemma
@@ -44,6 +45,11 @@ class NewBieDiTLoader(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, dit_name, **_):
+        """Re-run when the file changes on disk (same name, new content)."""
+        return _comfy.model_fingerprint("diffusion_models", dit_name)
+
+    @classmethod
     def execute(cls, dit_name, precision, attention, compile, device) -> io.NodeOutput:
         parse_device(device), check_attention(attention, extra=("comfyui",))  # before any file is read
         path = _comfy.resolve_model("diffusion_models", dit_name,
@@ -78,17 +84,23 @@ class NewBieTextEncoderLoader(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, gemma_name, jina_name, **_):
+        """Re-run when either encoder's files change on disk (same name, new content)."""
+        return (_comfy.model_fingerprint("text_encoders", gemma_name), _comfy.model_fingerprint("text_encoders", jina_name))
+
+    @classmethod
     def execute(cls, gemma_name, jina_name, precision, device) -> io.NodeOutput:
         parse_device(device)  # before any file is read
         gpath = _comfy.resolve_model("text_encoders", gemma_name, "gemma_3_4b_it_bf16.safetensors")
         jpath = _comfy.resolve_model("text_encoders", jina_name, "jina_clip_v2_bf16.safetensors")
         gprec, jprec = parse_precision(precision, "gemma"), parse_precision(precision, "jina")
+        fingerprints = (fingerprint_or_none(gpath), fingerprint_or_none(jpath))  # what is loaded: the cache key
         gemma = load_gemma(gpath, dtype=file_dtype(gpath), device="cpu")
         jina = load_jina(jpath, dtype=file_dtype(jpath), device="cpu")
         cast_module(gemma.model, gprec)
         cast_module(jina.model, jprec)
         enc = TextEncoders(
-            gemma=gemma, jina=jina, precision=precision, files=(str(gpath), str(jpath)),
+            gemma=gemma, jina=jina, precision=precision, files=(str(gpath), str(jpath)), fingerprints=fingerprints,
             gemma_patcher=_comfy.module_patcher(gemma.model, "text", f"Gemma3 ({gpath.name})", device),
             jina_patcher=_comfy.module_patcher(jina.model, "text", f"Jina CLIP v2 ({jpath.name})", device),
         )
@@ -112,6 +124,11 @@ class NewBieVAELoader(io.ComfyNode):
             ],
             outputs=[NEWBIE_VAE.Output(tooltip="The VAE; connect to NewBie VAE Decode.")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, vae_name, **_):
+        """Re-run when the VAE's files change on disk (same name, new content)."""
+        return _comfy.model_fingerprint("vae", vae_name)
 
     @classmethod
     def execute(cls, vae_name, precision, device) -> io.NodeOutput:

@@ -290,3 +290,41 @@ def test_vae_folder_message_never_echoes_config_fields(tiny_models, tmp_path):
         load_vae(folder)
     assert "SECRET" not in str(e.value)
     assert math.isfinite(1.0)
+
+
+# ------------------------------------------------------------------------------------------- stale cache
+def test_fingerprint_changes_with_header_size_or_mtime(tmp_path):
+    from newbie_core.files import content_fingerprint
+
+    f = tmp_path / "g.safetensors"
+    save_file({"a.weight": torch.zeros(4, 4)}, str(f))
+    fp = content_fingerprint(f)
+    assert content_fingerprint(f) == fp  # reading changes nothing
+    st = f.stat()
+    save_file({"b.weight": torch.zeros(4, 4)}, str(f))  # same size, same mtime, another tensor name
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and content_fingerprint(f) != fp
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # touched: new mtime_ns
+    assert len({fp, content_fingerprint(f)}) == 2
+    (tmp_path / "config.json").write_text("{}")
+    assert content_fingerprint(tmp_path) != content_fingerprint(f)
+
+
+def test_replaced_encoder_file_is_not_served_from_the_cache(tmp_path):
+    """A Gemma replaced under the same path: the next pipeline (same embedding cache) encodes anew."""
+    from newbie_core.memory import EmbeddingCache
+    from newbie_core.model_paths import ModelPaths
+    from newbie_core.pipeline import Pipeline
+    from newbie_core.tiny import make_tiny
+
+    make_tiny(tmp_path / "a", seed=0)
+    make_tiny(tmp_path / "b", seed=7)
+    paths = ModelPaths.from_dir(tmp_path / "a")
+    cache = EmbeddingCache()
+    first = Pipeline(paths, device="cpu", precision={"text": "fp32"}, cache=cache).encode(["1girl"])[0]
+    again = Pipeline(paths, device="cpu", precision={"text": "fp32"}, cache=cache)
+    assert torch.equal(again.encode(["1girl"])[0].cap_feats, first.cap_feats)
+    shutil.rmtree(paths.gemma)
+    shutil.copytree(tmp_path / "b" / "hf" / "text_encoder", paths.gemma)
+    fresh = Pipeline(paths, device="cpu", precision={"text": "fp32"}, cache=cache).encode(["1girl"])[0]
+    assert not torch.equal(fresh.cap_feats, first.cap_feats)
