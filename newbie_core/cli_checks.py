@@ -103,10 +103,10 @@ def output_paths(out: str, batch: int) -> list[Path]:
 def check_out(out: str, batch: int, overwrite: bool = False) -> list[Path]:
     """Check `--out` before any work (module docstring rule); returns the files that will be written."""
     p = Path(out)
-    if p.suffix.lower() != ".png":
-        raise InputError(f"--out {out!r} must name a .png file (e.g. --out out.png).")
     if p.is_dir():
         raise InputError(f"--out {out!r} is a directory; give a file name inside it, e.g. {p / 'out.png'}.")
+    if p.suffix.lower() != ".png":
+        raise InputError(f"--out {out!r} must name a .png file (e.g. --out out.png).")
     parent = p.parent if str(p.parent) else Path(".")
     probe = parent
     while not probe.exists():  # the nearest existing ancestor must be a writable folder (missing ones are created)
