@@ -136,3 +136,19 @@ def resolve_model_name(name: str, bases: Iterable[str | os.PathLike], where: str
             return Path(cand)
     listed = [c for c in (candidates() if candidates else []) if not c.startswith("(")]
     raise missing_file_error(name[:MAX_NAME_CHARS], where, listed, fix)
+
+
+# Name fragments of each model family, for a loader combo's default (model_paths uses the same hints).
+FAMILY_HINTS = {"dit": ("newbie", "transformer/"), "gemma": ("gemma", "text_encoder/"),
+                "jina": ("jina", "clip_model/"), "vae": ("ae.", "flux", "vae")}
+
+
+def default_choice(options: list[str], family: str) -> str:
+    """The option a loader combo starts on: the first name that looks like `family` (dit, gemma, jina, vae), else
+    the first option (so the Jina combo never defaults to the Gemma file)."""
+    hints = FAMILY_HINTS[family]
+    for hint in hints:
+        for opt in options:
+            if hint in opt.lower():
+                return opt
+    return options[0] if options else ""

@@ -6,6 +6,7 @@ from comfy_api.latest import io
 from ..newbie_core.attention import flash_attn_available
 from ..newbie_core.files import fingerprint_or_none
 from ..newbie_core.loading import file_dtype
+from ..newbie_core.model_names import default_choice
 from ..newbie_core.precision import cast_module, parse_precision
 from ..newbie_core.text.gemma import load_gemma
 from ..newbie_core.text.jina import load_jina
@@ -29,7 +30,8 @@ class NewBieDiTLoader(io.ComfyNode):
             description="Loads NewBie-Image-Exp0.1.safetensors (official, ComfyUI-prefixed or diffusers keys; the "
                         "architecture is read from the tensor shapes) as a MODEL managed by ComfyUI's memory manager.",
             inputs=[
-                io.Combo.Input("dit_name", options=_comfy.model_choices("diffusion_models"),
+                io.Combo.Input("dit_name", options=(dits := _comfy.model_choices("diffusion_models")),
+                               default=default_choice(dits, "dit"),
                                tooltip="The DiT file in models/diffusion_models (e.g. NewBie-Image-Exp0.1.safetensors)."),
                 io.Combo.Input("precision", options=DIT_PRECISIONS, default="bf16",
                                tooltip="Weight precision. bf16: reference quality. fp8_e4m3fn: half the memory, "
@@ -72,9 +74,9 @@ class NewBieTextEncoderLoader(io.ComfyNode):
             description="Loads the two NewBie text encoders: ComfyUI single files or HF folders (a folder with "
                         "config.json inside models/text_encoders). No remote code, no downloads.",
             inputs=[
-                io.Combo.Input("gemma_name", options=choices,
+                io.Combo.Input("gemma_name", options=choices, default=default_choice(choices, "gemma"),
                                tooltip="gemma_3_4b_it_bf16.safetensors, or the text_encoder/ folder of the HF repo."),
-                io.Combo.Input("jina_name", options=choices,
+                io.Combo.Input("jina_name", options=choices, default=default_choice(choices, "jina"),
                                tooltip="jina_clip_v2_bf16.safetensors, or the clip_model/ folder of the HF repo."),
                 io.Combo.Input("precision", options=DIT_PRECISIONS, default="bf16",
                                tooltip="Gemma weight precision (fp8_e4m3fn halves its memory; Jina then uses bf16)."),
@@ -116,7 +118,8 @@ class NewBieVAELoader(io.ComfyNode):
             node_id="NewBieVAELoader", display_name="NewBie VAE Loader", category="NewBie/loaders",
             description="Loads the 16-channel FLUX.1-dev VAE through diffusers' AutoencoderKL.",
             inputs=[
-                io.Combo.Input("vae_name", options=_comfy.model_choices("vae", want_folders=True),
+                io.Combo.Input("vae_name", options=(vaes := _comfy.model_choices("vae", want_folders=True)),
+                               default=default_choice(vaes, "vae"),
                                tooltip="ae.safetensors from black-forest-labs/FLUX.1-dev, or a diffusers vae/ folder."),
                 io.Combo.Input("precision", options=["auto", "bf16", "fp32"], default="auto",
                                tooltip="auto: bf16 on GPUs that support it, else fp32. fp32 avoids rare banding."),
