@@ -117,8 +117,8 @@ def _error(prompt: str, line: int, col: int, what: str) -> InputError:
         start = max(0, col - 100)
         text, col = text[start:start + 200], col - start
     near = f"{'…' if col > 21 else ''}{text[max(0, col - 21):col - 1]}▶{text[col - 1:col + 19]}{'…' if col + 19 < len(text) else ''}"
-    return InputError(f"XML prompt error at line {line}, column {col} (the {_ordinal(col)} character of line {line}, "
-                      f"at {at}): {what}\n  {text}\n  {' ' * (col - 1)}^\n  here: {near}")
+    return InputError(f"XML prompt error at line {line}, column {col}: {what} (column {col} = the {_ordinal(col)} "
+                      f"character of line {line}, at {at})\n  {text}\n  {' ' * (col - 1)}^\n  here: {near}")
 
 
 def _line_col(prompt: str, offset: int) -> tuple[int, int]:

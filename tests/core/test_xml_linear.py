@@ -69,7 +69,7 @@ def test_error_names_the_column_in_words_and_marks_it():
     with pytest.raises(InputError) as e:
         validate_xml_prompt("<a>x</a>\n  x </b>")
     msg = str(e.value)
-    assert "line 2, column 5 (the 5th character of line 2, at '<')" in msg
+    assert "line 2, column 5: " in msg and "(column 5 = the 5th character of line 2, at '<')" in msg
     # ComfyUI's error dialog collapses runs of spaces: the ▶ marker still points at the column
     collapsed = " ".join(msg.split())
     assert "here: x ▶</b>" in collapsed
