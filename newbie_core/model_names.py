@@ -10,12 +10,14 @@ A name comes from an untrusted client (any widget value can be POSTed to /prompt
 - The candidate is `base/name` for each base folder in order (the models folder, then extra_model_paths).
 
 Symlink rule (the choice): the REAL path (every link resolved) must lie inside the real path of one of the
-base folders of that kind. A link inside the folder that points elsewhere is refused by default, and
-nothing behind it is opened — stricter than ComfyUI's own loaders (`get_full_path` follows any link an
-administrator placed there). Models on another disk belong in `extra_model_paths.yaml` (then they are
-inside a base folder). Setting the environment variable NEWBIE_ALLOW_SYMLINKS_OUT=1 restores ComfyUI's
-rule for links (the name itself must still be plain). For a folder name, links inside the folder are held
-to the same rule (the loaders read config.json, shards and tokenizer files from it).
+base folders of that kind (or of `also_inside`: ComfyUI passes its whole models/ folder, so a link from
+models/text_encoders/ into models/clip/ works). A link inside the folder that points elsewhere is refused by
+default, and nothing behind it is opened — stricter than ComfyUI's own loaders (`get_full_path` follows any
+link an administrator placed there, because it never resolves links). Models on another disk belong in
+`extra_model_paths.yaml` (then they are inside a base folder). Setting the environment variable
+NEWBIE_ALLOW_SYMLINKS_OUT=1 restores ComfyUI's rule for links (the name itself must still be plain). For a
+folder name, links inside the folder are held to the same rule (the loaders read config.json, shards and
+tokenizer files from it).
 
 Error messages name the input (truncated, repr) and the folders; they never contain file contents.
 """
@@ -101,16 +103,16 @@ def _links_out(folder: str, roots: Sequence[str]) -> str | None:
 
 def resolve_model_name(name: str, bases: Iterable[str | os.PathLike], where: str = "the model folders",
                        candidates: Callable[[], list[str]] | None = None, fix: str = "",
-                       allow_links_out: bool | None = None) -> Path:
+                       allow_links_out: bool | None = None, also_inside: Iterable[str | os.PathLike] = ()) -> Path:
     """The path `name` denotes inside one of `bases` (module docstring rules), or a ModelFileError.
 
     `where` names the folders in messages; `candidates()` lists valid names for "close matches" (called only
     on a miss); `fix` says what to do when nothing is found. `allow_links_out` defaults to the environment
-    variable NEWBIE_ALLOW_SYMLINKS_OUT."""
+    variable NEWBIE_ALLOW_SYMLINKS_OUT; `also_inside` names more folders a link may lead into."""
     parts, is_folder = name_parts(name)
     allow = links_out_allowed() if allow_links_out is None else allow_links_out
     bases = [os.fspath(b) for b in bases]
-    roots = [os.path.realpath(b) for b in bases]
+    roots = [os.path.realpath(b) for b in list(bases) + [os.fspath(x) for x in also_inside]]
     for base in bases:
         cand = os.path.join(base, *parts)
         real = os.path.realpath(cand)

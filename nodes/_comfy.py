@@ -54,7 +54,8 @@ def resolve_model(folder_key: str, name: str, expected: str) -> Path:
     bases = folder_paths.get_folder_paths(folder_key)
     return resolve_model_name(name, bases, f"the ComfyUI '{folder_key}' folder(s) ({', '.join(bases)})",
                               lambda: model_choices(folder_key, want_folders=True),
-                              f"Put {expected} there, then refresh (R) and pick it.")
+                              f"Put {expected} there, then refresh (R) and pick it.",
+                              also_inside=[folder_paths.models_dir])
 
 
 def model_fingerprint(folder_key: str, name: str) -> str:

@@ -114,7 +114,7 @@ def flux_arch_vae(comfy, tmp_path_factory) -> str:
             sd[key] = (torch.randn(shape, generator=gen) / math.sqrt(fan_in)).to(torch.bfloat16)
     path = tmp_path_factory.mktemp("flux_arch_vae") / "ae.safetensors"
     save_file({k: v.contiguous() for k, v in diffusers_to_bfl_vae(sd).items()}, str(path))
-    comfy.place_models({f"vae/{FLUX_VAE_SUBDIR}/ae.safetensors": path})
+    comfy.place_models({f"vae/{FLUX_VAE_SUBDIR}/ae.safetensors": path}, copy=False)  # read by core VAELoader only
     return f"{FLUX_VAE_SUBDIR}/ae.safetensors"
 
 
