@@ -101,7 +101,7 @@ def cmd_make_tiny(args) -> int:
     """Write the tiny model set and print where each file went."""
     from .tiny import make_tiny
 
-    for name, path in make_tiny(Path(args.dir), seed=args.seed).items():
+    for name, path in make_tiny(Path(args.dir), seed=args.seed, flux_vae=args.flux_vae).items():
         print(f"{name:<16} {path}")
     return 0
 
@@ -120,9 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _generate_parser(sub)
-    t = sub.add_parser("make-tiny", help="write tiny random-weight models in the real file layouts")
+    t = sub.add_parser("make-tiny", help="write tiny random-weight models in the real file layouts",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("dir")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    t.add_argument("--flux-vae", action="store_true",
+                   help="also write a random VAE of the full FLUX architecture (168 MB) for ComfyUI's core Load VAE: "
+                        "comfyui/vae/flux_architecture_random/ae.safetensors (the interop workflow)")
     sub.add_parser("bench", help="GPU benchmark: newbie bench --help")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

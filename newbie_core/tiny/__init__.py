@@ -14,6 +14,8 @@ fixes the shared widths (the DiT's caption/CLIP widths must match the tiny encod
         text_encoders/gemma_3_4b_it_bf16.safetensors          (with embedded tokenizer)
         text_encoders/jina_clip_v2_bf16.safetensors           (LoRA pre-merged)
         vae/ae.safetensors                                    (BFL key names)
+        vae/flux_architecture_random/ae.safetensors           (only with flux_vae=True / --flux-vae:
+                                                               full FLUX architecture, random, for core Load VAE)
 """
 from __future__ import annotations
 
@@ -30,8 +32,11 @@ COMFY_JINA_NAME = "jina_clip_v2_bf16.safetensors"
 COMFY_VAE_NAME = "ae.safetensors"
 
 
-def make_tiny(root: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Write every tiny model under `root` (see the module docstring) and return {name: path}."""
+def make_tiny(root: str | Path, seed: int = 0, flux_vae: bool = False) -> dict[str, Path]:
+    """Write every tiny model under `root` (see the module docstring) and return {name: path}.
+
+    `flux_vae`: also write a random VAE of the full FLUX architecture (168 MB) as
+    comfyui/vae/flux_architecture_random/ae.safetensors, for ComfyUI's core Load VAE (interop workflow)."""
     from .dit import write_tiny_dit
     from .text import write_tiny_gemma, write_tiny_jina
     from .vae import write_tiny_vae
@@ -42,4 +47,8 @@ def make_tiny(root: str | Path, seed: int = 0) -> dict[str, Path]:
     paths.update(write_tiny_gemma(root, seed=seed + 1))
     paths.update(write_tiny_jina(root, seed=seed + 2))
     paths.update(write_tiny_vae(root, seed=seed + 3))
+    if flux_vae:
+        from .vae import write_flux_architecture_vae
+
+        paths.update(write_flux_architecture_vae(root, seed=seed + 4))
     return paths
