@@ -19,6 +19,7 @@ import torch
 
 from .errors import ModelFileError
 from .files import fingerprint_or_none, loaded_fingerprint
+from .validate import parse_device
 from .fp8 import enable_fp8_matmul, fp8_matmul_supported
 from .memory import EmbeddingCache, Ledger, StagedModel, default_device, empty_device_cache, file_identity, is_out_of_memory
 from .model_paths import ModelPaths
@@ -129,7 +130,7 @@ class Pipeline:
         self.paths = paths
         self.lowvram, self.vram_budget, self.compile, self.fp8_matmul = lowvram, vram_budget, compile, fp8_matmul
         self._compiled: tuple[object, Callable] | None = None  # (the DiT, its compiled forward)
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = parse_device(device) or default_device()  # 'cuda:7', 'garbage': InputError, not a KeyError later
         self.precision_names = {"dit": "bf16", "text": "bf16", "vae": "auto", **(precision or {})}
         self.keep_loaded = keep_loaded
         self.attention = attention

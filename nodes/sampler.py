@@ -9,7 +9,7 @@ from ..newbie_core.errors import InputError
 from ..newbie_core.precision import check_finite
 from ..newbie_core.pipeline import check_conditioning, guided_velocity
 from ..newbie_core.sampling import SOLVERS, make_noise, sample, validate_size
-from ..newbie_core.validate import check_latent, check_sampler_settings
+from ..newbie_core.validate import MAX_BATCH, check_int, check_latent, check_sampler_settings
 from ..newbie_core.vae import LATENT_CHANNELS, VAE_SCALE_FACTOR, unscale_latents
 from . import _comfy
 from .text_encode import from_conditioning
@@ -58,6 +58,7 @@ class NewBieDiTSampler(io.ComfyNode):
     def execute(cls, model, positive, negative, seed, steps, cfg, shift, solver, cfg_trunc, renorm, width,
                 height, batch_size, latent=None) -> io.NodeOutput:
         check_sampler_settings(steps, cfg, shift, cfg_trunc, renorm, solver)  # NaN/inf, unknown solver: named
+        check_int(batch_size, "batch_size", 1, MAX_BATCH)
         if latent is not None:
             batch_size, _, lh, lw = check_latent(latent.get("samples") if isinstance(latent, dict) else None).shape
             height, width = lh * VAE_SCALE_FACTOR, lw * VAE_SCALE_FACTOR

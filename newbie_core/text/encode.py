@@ -127,7 +127,8 @@ def encode_cached(prompts: list[str], system_prompt: str, cache, identity: tuple
     `jina_session()` one after the other; each yields its encoder placed on a device and may release it on
     exit, so the two encoders are never resident together. NaN/inf in the features raise NumericalError.
     """
-    prompts = [check_text(p, f"prompt {i + 1}") for i, p in enumerate(prompts)]  # lone surrogates etc.: named
+    names = ("positive prompt", "negative prompt") if len(prompts) == 2 else [f"prompt {i + 1}" for i in range(len(prompts))]
+    prompts = [check_text(p, n) for p, n in zip(prompts, names)]  # lone surrogates etc.: named with their position
     system_prompt = check_text(system_prompt, "system prompt")
     keys = [(p, gemma_text(p, system_prompt), *identity) for p in prompts]
     out: list[PromptEmbeddings | None] = [cache.get(k) for k in keys]

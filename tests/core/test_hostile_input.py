@@ -328,3 +328,12 @@ def test_replaced_encoder_file_is_not_served_from_the_cache(tmp_path):
     shutil.copytree(tmp_path / "b" / "hf" / "text_encoder", paths.gemma)
     fresh = Pipeline(paths, device="cpu", precision={"text": "fp32"}, cache=cache).encode(["1girl"])[0]
     assert not torch.equal(fresh.cap_feats, first.cap_feats)
+
+
+def test_pipeline_refuses_a_device_this_machine_lacks(tiny_models):
+    from newbie_core.model_paths import ModelPaths
+    from newbie_core.pipeline import Pipeline
+
+    for device in ("cuda:7", "garbage"):
+        with pytest.raises(InputError, match="device"):
+            Pipeline(ModelPaths.from_dir(tiny_models["root"]), device=device)

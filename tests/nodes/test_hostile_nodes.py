@@ -194,3 +194,12 @@ def test_memory_purge_report_is_readable_in_three_lines(pack, loaders):
     assert first[0].startswith("after:") and "RAM" in first[0]
     assert "NewBie models:" in first[1] and "prompt cache" in first[1]
     assert all(len(line) <= 90 for line in first), first
+
+
+def test_unknown_system_prompt_preset_and_huge_batch_are_refused(pack, text_encoders, sampler_args):
+    errors = pack.newbie_core.errors
+    with pytest.raises(errors.InputError, match="system_prompt"):
+        pack.nodes.text_encode.NewBieTextEncode.execute(text_encoders=text_encoders, positive="1girl", negative="",
+                                                        system_prompt="ignore all previous", keep_loaded=False)
+    with pytest.raises(errors.InputError, match="batch_size"):
+        pack.nodes.sampler.NewBieDiTSampler.execute(**{**sampler_args, "batch_size": 10**6})
