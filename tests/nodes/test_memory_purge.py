@@ -74,7 +74,8 @@ def test_report_marks_models_still_loaded(comfyui, pack, loaders, monkeypatch):
     _, report, text = purge(pack)
     rows = [r for r in json.loads(report)["models"] if r["loaded_by_comfyui"]]
     assert [r["model"] for r in rows] == [dit.newbie_label]
-    line = [ln for ln in text.splitlines() if ln.startswith(f"  {dit.newbie_label}: ")][0]
+    # the session's own fp32 DiT (another test's fixture) may be listed under the same label: take the loaded one
+    line = [ln for ln in text.splitlines() if ln.startswith(f"  {dit.newbie_label}: ") and "(loaded)" in ln][0]
     assert "bfloat16" in line and line.endswith("MiB (loaded)")
 
 
