@@ -116,7 +116,7 @@ def resolve_model_name(name: str, bases: Iterable[str | os.PathLike], where: str
     for base in bases:
         cand = os.path.join(base, *parts)
         real = os.path.realpath(cand)
-        if not (os.path.lexists(cand) or os.path.exists(real)):
+        if not os.path.exists(real):  # absent, or a dangling link: "not found" (with close matches), as ComfyUI
             continue
         if not allow and not _inside(real, roots):
             raise UnsafeModelName(

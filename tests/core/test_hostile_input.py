@@ -337,3 +337,11 @@ def test_pipeline_refuses_a_device_this_machine_lacks(tiny_models):
     for device in ("cuda:7", "garbage"):
         with pytest.raises(InputError, match="device"):
             Pipeline(ModelPaths.from_dir(tiny_models["root"]), device=device)
+
+
+def test_dangling_link_is_not_found_not_refused(folders):
+    base, extra, outside = folders
+    (base / "gone.safetensors").symlink_to(outside / "missing.safetensors")
+    with pytest.raises(ModelFileError, match="not found") as e:
+        resolve_model_name("gone.safetensors", [base, extra])
+    assert not isinstance(e.value, UnsafeModelName)
