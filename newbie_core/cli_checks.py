@@ -201,7 +201,8 @@ def check_model_headers(paths) -> tuple[int, int]:
             width = sf.get_slice(key).get_shape()[-1]
             patch = max(1, int(round((width / 16) ** 0.5)))
             lens = metadata_value(sf.metadata() or {}, "newbie.axes_lens", None,
-                                  lambda v: isinstance(v, list) and len(v) == 3 and all(isinstance(i, int) for i in v))
+                                  lambda v: isinstance(v, list) and len(v) == 3
+                                  and all(isinstance(i, int) and 1 < i <= 1 << 20 for i in v))
             if lens:
                 max_patches = min(lens[1], lens[2])
             break
