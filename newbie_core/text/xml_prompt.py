@@ -192,6 +192,11 @@ def validate_xml_prompt(prompt: str) -> ET.Element:
     except ET.ParseError as e:
         line, col = e.position
         msg = str(e).split(":")[0]
+        last_lt = prompt.rfind("<")
+        if line - 1 > prompt.count("\n") + 1 and last_lt != -1 and prompt.find(">", last_lt) == -1:
+            # the parser only noticed in the wrapper's closing tag: point at the '<' that was never finished
+            raise _error(prompt, *_line_col(prompt, last_lt), "this '<' starts a tag that is never finished with '>' "
+                         "(finish the tag, or remove the '<')") from None
         raise _error(prompt, line - 1, col + 1, msg) from None
 
 

@@ -73,3 +73,8 @@ def test_error_names_the_column_in_words_and_marks_it():
     # ComfyUI's error dialog collapses runs of spaces: the ▶ marker still points at the column
     collapsed = " ".join(msg.split())
     assert "here: x ▶</b>" in collapsed
+
+
+def test_unfinished_tag_at_the_end_is_located():
+    with pytest.raises(InputError, match=r"line 2, column 10: this '<' starts a tag that is never finished"):
+        validate_xml_prompt("<a>b</a>\n<c>x</c> <d" + " " * 50)
