@@ -95,6 +95,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if isinstance(key_mask, KeyPrefix):
         return prefix_attention(q, k, v, key_mask, lambda a, b, c: attention(a, b, c, None, backend))
     backend = backend or "auto"
+    if backend not in BACKENDS:  # never a silent fallback to SDPA
+        from .errors import InputError
+
+        raise InputError(f"Unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
     if backend == "flash" or (backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
                               and flash_attn_available()):
         if not flash_attn_available():

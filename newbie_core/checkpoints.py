@@ -238,6 +238,13 @@ def dit_config_from_state_dict(sd: Mapping[str, torch.Tensor], metadata: Mapping
     except KeyError as e:
         raise ModelFileError(f"NewBie DiT state dict lacks {e.args[0]!r}; cannot infer its config. "
                              f"Expected {EXPECTED}.") from e
+    except (ValueError, IndexError, TypeError):  # a tensor of the wrong rank where a matrix belongs
+        shapes = {k: tuple(sd[k].shape) for k in ("cap_embedder.1.weight", "x_embedder.weight") if k in sd}
+        raise ModelFileError(f"NewBie DiT tensors have impossible shapes ({shapes}); the file is damaged or not a "
+                             f"NewBie DiT. Expected {EXPECTED}.") from None
+    if min(dim, cap_feat_dim, p2c, head_dim, qkv_rows, ffn, adaln, clip_dim, out_rows) <= 0 or dim % head_dim:
+        raise ModelFileError(f"NewBie DiT tensors have impossible shapes (width {dim}, head width {head_dim}); the "
+                             f"file is damaged. Expected {EXPECTED}.")
     patch = math.isqrt(p2c // in_channels)
     n_heads = dim // head_dim
     n_kv = (qkv_rows // head_dim - n_heads) // 2
@@ -245,10 +252,16 @@ def dit_config_from_state_dict(sd: Mapping[str, torch.Tensor], metadata: Mapping
     if patch * patch * in_channels != p2c or out_rows != p2c or n_noise != n_ctx:
         raise ModelFileError(f"Unsupported DiT shapes: x_embedder width {p2c}, final width {out_rows}, "
                              f"{n_noise} noise / {n_ctx} context refiner blocks.")
+    from .validate import metadata_value
+
     meta = metadata or {}
-    axes_dims = json.loads(meta["newbie.axes_dims"]) if "newbie.axes_dims" in meta else default_axes_dims(head_dim)
-    axes_lens = json.loads(meta["newbie.axes_lens"]) if "newbie.axes_lens" in meta else [1024, 512, 512]
-    theta = float(meta.get("newbie.rope_theta", 10000.0))
+    # Optional metadata (written by make-tiny): unparsable or inconsistent values fall back to the defaults.
+    ints3 = lambda v: isinstance(v, list) and len(v) == 3 and all(isinstance(i, int) and 0 < i <= 1 << 20 for i in v)
+    axes_dims = metadata_value(meta, "newbie.axes_dims", None,
+                               lambda v: ints3(v) and sum(v) == head_dim and all(i % 2 == 0 for i in v)) \
+        or default_axes_dims(head_dim)
+    axes_lens = metadata_value(meta, "newbie.axes_lens", [1024, 512, 512], ints3)
+    theta = metadata_value(meta, "newbie.rope_theta", 10000.0, lambda v: math.isfinite(v) and v > 1.0, parse=float)
     return DiTConfig(patch_size=patch, in_channels=in_channels, dim=dim, n_layers=_count(sd, "layers"),
                      n_refiner_layers=n_noise, n_heads=n_heads, n_kv_heads=n_kv, ffn_hidden_dim=ffn,
                      cap_feat_dim=cap_feat_dim, clip_text_dim=clip_dim, adaln_dim=adaln,
@@ -256,7 +269,10 @@ def dit_config_from_state_dict(sd: Mapping[str, torch.Tensor], metadata: Mapping
 
 
 def check_keys(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
-    """Raise ModelFileError listing a few missing / unexpected keys of `sd` (official layout) for `model`."""
+    """Raise ModelFileError listing a few missing / unexpected keys of `sd` (official layout) for `model`, or naming
+    a tensor whose shape or dtype (int8, bool, …) does not fit the architecture (before `load_state_dict`)."""
+    from .validate import check_state_dict
+
     expected = set(model.state_dict().keys())
     missing = sorted(expected - set(sd))
     unexpected = sorted(set(sd) - expected)
@@ -268,6 +284,7 @@ def check_keys(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: s
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:4])})")
         raise ModelFileError(f"{source} does not match the NewBie DiT layout: {'; '.join(parts)} keys. "
                              f"Expected {EXPECTED}.")
+    check_state_dict(model, sd, source)
 
 
 def read_dit_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:

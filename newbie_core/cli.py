@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from . import cli_img2img
@@ -25,35 +24,38 @@ log = logging.getLogger("newbie")
 
 
 def _generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="text → image through the staged pipeline")
+    p = sub.add_parser("generate", help="text → image through the staged pipeline",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--prompt", required=True, help="the caption (plain tags, natural language or XML)")
     p.add_argument("--negative", default="", help="negative prompt (empty = the official empty negative)")
-    p.add_argument("--out", required=True, help="output PNG; with --batch N, files get _0.._N-1 suffixes")
+    p.add_argument("--out", required=True, help="output PNG; with --batch N, files get _0.._N-1 suffixes; an existing "
+                                                "file is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output file(s)")
     p.add_argument("--model-dir", help="HF NewBie-image-Exp0.1 folder or a ComfyUI models/ folder")
     for role in ("dit", "gemma", "jina", "vae"):
         p.add_argument(f"--{role}", help=f"explicit {role} file or folder (overrides --model-dir)")
-    p.add_argument("--width", type=int, default=None, help="multiple of 16 (default 1024, or the init image's)")
-    p.add_argument("--height", type=int, default=None, help="multiple of 16 (default 1024, or the init image's)")
-    p.add_argument("--steps", type=int, default=18, help="time-grid points as in the official demo (N → N-1 intervals)")
-    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
-    p.add_argument("--shift", type=float, default=6.0, help="time shift (default 6)")
+    p.add_argument("--width", type=int, default=None, help="multiple of 16, at most 8176 (default 1024, or the init image's)")
+    p.add_argument("--height", type=int, default=None, help="multiple of 16, at most 8176 (default 1024, or the init image's)")
+    p.add_argument("--steps", type=int, default=18, help="time-grid points as in the official demo (N → N-1 intervals), 2..200")
+    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--shift", type=float, default=6.0, help="time shift")
     from .sampling import SOLVERS  # the one solver registry (node options, step counts)
 
     p.add_argument("--solver", default="midpoint", choices=list(SOLVERS),
                    help="; ".join(f"{k}: {v.description}" for k, v in SOLVERS.items()))
     p.add_argument("--cfg-trunc", type=float, default=0.25, help="guide only while t < this (t: 0 noise → 1 data)")
     p.add_argument("--renorm", type=float, default=0.0, help="cap guided velocity norm at this × cond norm (0 = off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="noise seed (CPU generator: the same image on any device)")
+    p.add_argument("--batch", type=int, default=1, help="images per run, 1..64")
     p.add_argument("--system-prompt", default="auto",
                    help="auto (xml for XML prompts, else tags) | xml | tags | demo | none | any custom text")
     p.add_argument("--precision", default="", help="per stage, e.g. dit=bf16,text=fp8_e4m3fn,vae=fp32")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, mps (default: best available)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, mps (None: the best available)")
     p.add_argument("--tiled-decode", action="store_true", help="decode the VAE in tiles (less memory)")
     p.add_argument("--lowvram", action="store_true",
                    help="stream DiT/text-encoder blocks from CPU memory and decode in tiles (under 2 GiB of VRAM)")
     p.add_argument("--vram-budget", type=float, default=None, metavar="GIB",
-                   help="with --lowvram: GiB of blocks that may stay on the GPU (faster; default: stream all)")
+                   help="with --lowvram: GiB of blocks that may stay on the GPU (faster; None: stream all)")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT (first image pays ~30 s)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                    help="LoRA/LoKr .safetensors (PEFT, LyCORIS, kohya, ComfyUI or diffusers keys) merged into the "
@@ -63,36 +65,27 @@ def _generate_parser(sub) -> None:
     cli_img2img.add_arguments(p)
 
 
-def _resolve_paths(args):
-    from .model_paths import ModelPaths
-    from .tiny import make_tiny
-
-    explicit = {r: getattr(args, r) for r in ("dit", "gemma", "jina", "vae") if getattr(args, r)}
-    if args.model_dir:
-        paths = ModelPaths.from_dir(args.model_dir)
-        for role, value in explicit.items():
-            setattr(paths, role, Path(value))
-        return paths, False
-    if len(explicit) == 4:
-        return ModelPaths(**{k: Path(v) for k, v in explicit.items()}), False
-    if explicit:
-        raise NewBieError("Give all of --dit --gemma --jina --vae, or --model-dir (optionally overriding some).")
-    tiny_dir = Path(tempfile.mkdtemp(prefix="newbie-tiny-"))
-    make_tiny(tiny_dir)
-    print(f"No model given: using built-in TINY RANDOM-WEIGHT models written to {tiny_dir} "
-          f"(the image will be noise; pass --model-dir for real weights).", file=sys.stderr)
-    return ModelPaths.from_dir(tiny_dir), True
-
-
 def cmd_generate(args) -> int:
-    """Run one generation and write PNG(s); prints the stage ledger."""
+    """Check every argument, `--out` and the four model headers (cli_checks), then run one generation and write
+    PNG(s); prints the stage ledger. Tiny fallback models live in a temporary folder removed on every exit path."""
+    from . import cli_checks
+
+    img2img = cli_img2img.prepare(args)  # --init-image/--mask read first: they fill width, height, denoise
+    cli_checks.check_generate_args(args)
+    cli_checks.check_out(args.out, args.batch, getattr(args, "overwrite", False))
+    with cli_checks.model_paths_for(args) as (paths, tiny):
+        max_patches, patch = cli_checks.check_model_headers(paths)
+        cli_checks.check_size_limits(args.width, args.height, max_patches, patch)
+        return _generate(args, paths, tiny, img2img)
+
+
+def _generate(args, paths, tiny: bool, img2img: dict) -> int:
+    from . import cli_checks
     from .image_io import save_png
     from .pipeline import GenerationSettings, Pipeline
     from .precision import parse_precision_spec
     from .text.prompts import resolve_system_prompt
 
-    img2img = cli_img2img.prepare(args)  # --init-image/--mask; fills width, height, denoise
-    paths, tiny = _resolve_paths(args)
     from .lora import parse_lora_arg
 
     budget = None if args.vram_budget is None else int(args.vram_budget * 2**30)
@@ -111,15 +104,15 @@ def cmd_generate(args) -> int:
     result = pipe.generate(args.prompt, args.negative, settings, system_prompt=system,
                            tiled_decode=args.tiled_decode, **img2img)
     meta = {"prompt": args.prompt, "negative": args.negative, "settings": vars(settings),
-            "precision": pipe.precision_names, "random_weights": tiny,
+            "precision": cli_checks.ran_precisions(pipe), "random_weights": tiny,
             "loras": [{"file": r.file, "strength": r.strength} for r in lora_reports]}
     written = save_png(result.images, args.out, meta)
     if args.json:
-        print(json.dumps({"outputs": [str(w) for w in written], "ledger": result.ledger.as_list(),
-                          "notes": result.notes, "models": pipe.describe_models(),
+        print(json.dumps({"outputs": [str(w) for w in written], "ledger": cli_checks.ledger_rows(result, pipe),
+                          "notes": result.notes, "models": cli_checks.describe_models_ran(pipe),
                           "loras": [vars(r) for r in lora_reports]}, indent=2))
     else:
-        print(result.ledger.table())
+        print(cli_checks.ledger_table(result, pipe))
         for w in written:
             print(f"wrote {w}" + ("  (random tiny weights)" if tiny else ""))
     return 0
@@ -129,7 +122,7 @@ def cmd_make_tiny(args) -> int:
     """Write the tiny model set and print where each file went."""
     from .tiny import make_tiny
 
-    for name, path in make_tiny(Path(args.dir), seed=args.seed).items():
+    for name, path in make_tiny(Path(args.dir), seed=args.seed, flux_vae=args.flux_vae).items():
         print(f"{name:<16} {path}")
     return 0
 
@@ -145,12 +138,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="newbie", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _generate_parser(sub)
-    t = sub.add_parser("make-tiny", help="write tiny random-weight models in the real file layouts")
+    t = sub.add_parser("make-tiny", help="write tiny random-weight models in the real file layouts",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("dir")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    t.add_argument("--flux-vae", action="store_true",
+                   help="also write a random VAE of the full FLUX architecture (168 MB) for ComfyUI's core Load VAE: "
+                        "comfyui/vae/flux_architecture_random/ae.safetensors (the interop workflow)")
     sub.add_parser("bench", help="GPU benchmark: newbie bench --help")
     add_enhance_parser(sub)
     args = parser.parse_args(argv)

@@ -257,11 +257,9 @@ def load_dit(source, dtype: torch.dtype = torch.bfloat16, device: torch.device |
     if isinstance(attention, str):
         import functools
 
-        from .attention import BACKENDS
+        from .validate import check_attention
 
-        if attention not in BACKENDS:
-            raise ValueError(f"Unknown attention backend {attention!r}; choose one of {', '.join(BACKENDS)}.")
-        attention = functools.partial(default_attention, backend=attention)
+        attention = functools.partial(default_attention, backend=check_attention(attention))
     metadata: dict[str, str] = {}
     if isinstance(source, Mapping):
         sd, name = dict(source), "state dict"

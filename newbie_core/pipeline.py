@@ -18,6 +18,8 @@ from typing import Callable, NoReturn
 import torch
 
 from . import stages
+from .files import fingerprint_or_none, loaded_fingerprint
+from .validate import parse_device
 from .fp8 import enable_fp8_matmul, fp8_matmul_supported
 from .img2img import init_latent
 from .memory import EmbeddingCache, Ledger, StagedModel, default_device, empty_device_cache, file_identity, is_out_of_memory
@@ -67,7 +69,7 @@ class Pipeline:
         self.paths = paths
         self.lowvram, self.vram_budget, self.compile, self.fp8_matmul = lowvram, vram_budget, compile, fp8_matmul
         self._compiled: tuple[object, Callable] | None = None  # (the DiT, its compiled forward): one slot
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = parse_device(device) or default_device()  # 'cuda:7', 'garbage': InputError, not a KeyError later
         self.precision_names = {"dit": "bf16", "text": "bf16", "vae": "auto", **(precision or {})}
         self.keep_loaded = keep_loaded
         self.attention = attention
@@ -94,6 +96,7 @@ class Pipeline:
             loaded = load_role(role, self.paths, attention=self.attention, loras=self.loras if role == "dit" else ())
             self._wrappers[role] = loaded.wrapper
             self._models[role] = StagedModel(role, loaded.module, loaded.source, loaded.cpu_only, loaded.stream)
+            self._models[role].fingerprint = fingerprint_or_none(loaded.source)
         return self._models[role]
 
     def lora_reports(self) -> list:
@@ -180,8 +183,9 @@ class Pipeline:
         return self.ledger.stage(stage, self.device)
 
     def text_identity(self) -> tuple:
-        """Encoder files + text precision: the embedding-cache identity."""
-        return (file_identity(getattr(self.paths, "gemma", None)), file_identity(getattr(self.paths, "jina", None)),
+        """Encoder content fingerprints (taken when each was loaded, else of the file now) + text precision:
+        the embedding-cache identity."""
+        return (*(loaded_fingerprint(self._models.get(r), getattr(self.paths, r, None)) for r in ("gemma", "jina")),
                 self.precision_names["text"])
 
     def fail(self, stage: str, exc: BaseException) -> NoReturn:

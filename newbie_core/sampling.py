@@ -99,8 +99,8 @@ def time_grid(steps: int, shift: float) -> torch.Tensor:
     ComfyUI's `σ' = s·σ / (1 + (s−1)·σ)`. Computed exactly as `transport/integrators.py` does, in fp32.
     """
     steps = _check_steps(steps)
-    if not shift > 0:
-        raise InputError(f"shift must be > 0 (got {shift!r}).")
+    if not (shift > 0 and math.isfinite(shift)):
+        raise InputError(f"shift must be a finite number > 0 (got {shift!r}).")
     t = torch.linspace(0.0, 1.0, steps, dtype=torch.float32)
     return t / (t + shift - shift * t)
 
@@ -133,9 +133,11 @@ class GuidedVelocity:
 
     def __init__(self, model_call: ModelCall, cfg: float = 1.0, cfg_trunc: float = 100.0, renorm: float = 0.0):
         """Wrap `model_call` with guidance scale `cfg`, truncation time `cfg_trunc` and renorm factor `renorm`."""
-        if not math.isfinite(float(cfg)):
-            raise InputError(f"cfg must be a finite number (got {cfg!r}).")
-        if float(renorm) < 0:
+        from .validate import check_number
+
+        check_number(cfg, "cfg")
+        check_number(cfg_trunc, "cfg_trunc")  # NaN would silently never guide
+        if check_number(renorm, "renorm") < 0:
             raise InputError(f"renorm must be ≥ 0 (0 = off; got {renorm!r}).")
         self.model_call = model_call
         self.cfg = float(cfg)
@@ -337,8 +339,8 @@ def sample(
     solver = _normalise_solver(solver)
     steps = _check_steps(steps)
     denoise = _check_denoise(denoise)
-    if not shift > 0:
-        raise InputError(f"shift must be > 0 (got {shift!r}).")
+    if not (shift > 0 and math.isfinite(shift)):
+        raise InputError(f"shift must be a finite number > 0 (got {shift!r}).")
     if init is None and (denoise < 1.0 or noise_mask is not None):
         raise InputError("denoise < 1 and a noise mask need an input latent (img2img): connect an encoded image.")
     if init is not None and tuple(init.shape) != tuple(noise.shape):

@@ -143,8 +143,11 @@ def _config_from_bfl(path: Path, sd: dict[str, torch.Tensor], groups: int) -> di
 def _build(path: Path, config: dict, sd: dict[str, torch.Tensor], dtype, device):
     from diffusers import AutoencoderKL
 
+    from .validate import check_state_dict
+
     with torch.device("meta"):
         model = AutoencoderKL.from_config(config)
+    check_state_dict(model, sd, str(path))  # int8/bool or mis-shaped weights: named, before the cast hides them
     sd = {k: v.to(dtype) for k, v in sd.items()}
     result = model.load_state_dict(sd, strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
@@ -157,18 +160,33 @@ def _build(path: Path, config: dict, sd: dict[str, torch.Tensor], dtype, device)
     return model.to(device).eval().requires_grad_(False)
 
 
+# Class names a config.json may be named back with (known diffusers/transformers classes); any other value of a
+# foreign file is never repeated in a message (messages reach HTTP clients through /history).
+KNOWN_CLASSES = frozenset({
+    "Lumina2Transformer2DModel", "FluxTransformer2DModel", "SD3Transformer2DModel", "UNet2DConditionModel",
+    "NextDiT_CLIP", "AutoencoderTiny", "AutoencoderDC", "AutoencoderKLQwenImage", "AutoencoderKLWan",
+    "AutoencoderKLHunyuanVideo", "AutoencoderKLCogVideoX", "AutoencoderKLLTXVideo", "CLIPTextModel",
+    "CLIPTextModelWithProjection", "T5EncoderModel", "Gemma3ForConditionalGeneration", "Gemma3ForCausalLM"})
+
+
 def _load_folder(folder: Path, dtype, device):
     cfg_path = folder / "config.json"
     try:
-        config = json.loads(cfg_path.read_text())
-    except Exception as e:
-        raise ModelFileError(f"{cfg_path} is damaged ({e}). Re-download the folder; expected {EXPECTED}.") from e
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except Exception as e:  # the message names the error kind only, never the file's text
+        raise ModelFileError(f"{cfg_path} is damaged ({type(e).__name__}). Re-download the folder; "
+                             f"expected {EXPECTED}.") from None
+    # Fields of a foreign config.json are never repeated back (a message can reach any HTTP client).
     cls = config.get("_class_name", "AutoencoderKL")
     if cls != "AutoencoderKL":
-        raise ModelFileError(f"{folder} holds a {cls}, not a VAE (AutoencoderKL). Expected {EXPECTED}.")
-    if int(config.get("latent_channels", 0)) != LATENT_CHANNELS:
-        raise _wrong_family(folder, [], f"a VAE with {config.get('latent_channels')} latent channels "
-                            f"(SD/SDXL-style?); NewBie needs the 16-channel FLUX VAE")
+        what = f"a {cls}" if cls in KNOWN_CLASSES else "another kind of model (its config.json names no AutoencoderKL)"
+        raise ModelFileError(f"{folder} holds {what}, not a VAE (AutoencoderKL). Expected {EXPECTED}.")
+    latent = config.get("latent_channels")
+    if not isinstance(latent, int) or isinstance(latent, bool) or latent != LATENT_CHANNELS:
+        shown = f"{latent} latent channels" if isinstance(latent, int) and 0 <= latent < 4096 else "no valid latent_channels"
+        raise _wrong_family(folder, [], f"a VAE with {shown} (SD/SDXL-style?); NewBie needs the 16-channel FLUX VAE")
     main = folder / "diffusion_pytorch_model.safetensors"
     sd = read_state_dict(main if main.is_file() else folder)
     return _build(folder, config, sd, dtype, device)
@@ -189,10 +207,10 @@ def _load_single_file(path: Path, dtype, device):
     if diffusers_layout:
         sd = diffusers_to_bfl_vae(sd)
     meta = safetensors_metadata(path) if _is_safetensors(path) else {}
-    try:
-        groups = int(meta.get(NORM_GROUPS_METADATA_KEY, 32))
-    except ValueError:
-        groups = 32
+    from .validate import metadata_value
+
+    groups = metadata_value(meta, NORM_GROUPS_METADATA_KEY, 32, lambda v: isinstance(v, int) and 0 < v <= 1024,
+                            source=str(path), parse=int)
     config = _config_from_bfl(path, sd, groups)
     converted = convert_ldm_vae_checkpoint(sd, config)
     return _build(path, config, converted, dtype, device)

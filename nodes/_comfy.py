@@ -38,6 +38,8 @@ from ..newbie_core.pipeline import compile_dit
 from ..newbie_core.precision import Precision, cast_module, parse_precision
 from ..newbie_core.recovery import (STAGE_NAMES, cleans_up_on_failure, low_vram_hint, out_of_memory_error,
                                     release_failure)
+from ..newbie_core.model_names import resolve_model_name
+from ..newbie_core.validate import check_attention, parse_device
 
 log = logging.getLogger("newbie")
 DEVICE_CHOICES = ["default", "cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -58,25 +60,33 @@ def model_choices(folder_key: str, want_folders: bool = False) -> list[str]:
 
 
 def resolve_model(folder_key: str, name: str, expected: str) -> Path:
-    """Full path of `name` in `folder_key`, or a ModelFileError naming the folders searched and the fix."""
-    if name.endswith("/"):
-        for base in folder_paths.get_folder_paths(folder_key):
-            cand = Path(base) / name.rstrip("/")
-            if (cand / "config.json").is_file():
-                return cand
-    else:
-        path = folder_paths.get_full_path(folder_key, name)
-        if path is not None:
-            return Path(path)
-    searched = ", ".join(folder_paths.get_folder_paths(folder_key))
-    candidates = [c for c in model_choices(folder_key, want_folders=True) if c != "(no files found)"]
-    raise missing_file_error(name, f"the ComfyUI '{folder_key}' folder(s) ({searched})", candidates,
-                             f"Put {expected} there, then refresh (R) and pick it.")
+    """Full path of `name` in `folder_key` (models folder + extra_model_paths), through newbie_core's one name
+    resolver (refuses absolute paths, `..` and links out; see newbie_core.model_names), or a ModelFileError."""
+    bases = folder_paths.get_folder_paths(folder_key)
+    return resolve_model_name(name, bases, f"the ComfyUI '{folder_key}' folder(s) ({', '.join(bases)})",
+                              lambda: model_choices(folder_key, want_folders=True),
+                              f"Put {expected} there, then refresh (R) and pick it.",
+                              also_inside=[folder_paths.models_dir])
+
+
+def model_fingerprint(folder_key: str, name: str) -> str:
+    """Content fingerprint of a model name's file(s) (header bytes, size, mtime_ns), for the loaders'
+    `fingerprint_inputs`: a file replaced under the same name re-runs the loader. A name that cannot be resolved
+    gives a constant ("unresolved"): the loader then runs and raises its clear error."""
+    from ..newbie_core.errors import NewBieError
+    from ..newbie_core.files import fingerprint_or_none
+
+    try:
+        return fingerprint_or_none(resolve_model(folder_key, name, "the model")) or "unreadable"
+    except NewBieError:
+        return "unresolved"
 
 
 def device_for(choice: str, default: torch.device) -> torch.device:
-    """The device a loader's `device` input names ('default' = ComfyUI's choice for that model kind)."""
-    return default if choice in ("default", "", None) else torch.device(choice)
+    """The device a loader's `device` input names ('default' = ComfyUI's choice for that model kind), checked
+    against this machine by newbie_core (a POSTed 'cuda:7' or 'garbage' is an InputError, not a KeyError later)."""
+    device = parse_device(choice)
+    return default if device is None else device
 
 
 # ------------------------------------------------------------------------------------------------ DiT
@@ -152,7 +162,9 @@ comfyui_attention.supports_key_prefix = True
 
 
 def resolve_attention(name: str):
-    """The DiT loader's attention choice as a callable: ComfyUI's attention, or newbie_core's backends."""
+    """The DiT loader's attention choice as a callable: ComfyUI's attention, or newbie_core's backends.
+    Unknown names raise InputError (they used to fall back to SDPA silently)."""
+    name = check_attention(name, extra=("comfyui",))
     if name == "comfyui":
         return comfyui_attention
     from functools import partial
@@ -485,8 +497,8 @@ class ComfyHost:
         return nullcontext(None)
 
     def text_identity(self) -> tuple:
-        """Encoder files and precision (a replaced file gives a new key)."""
-        return (tuple(file_identity(f) for f in self.enc.files), self.enc.precision)
+        """Encoder content fingerprints taken when they were loaded, and precision (a replaced file: a new key)."""
+        return (self.enc.fingerprints or tuple(file_identity(f) for f in self.enc.files), self.enc.precision)
 
     def fail(self, stage: str, exc: BaseException):
         """Free what the failure holds; after an out-of-memory unload every model and explain; re-raise."""

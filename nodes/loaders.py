@@ -4,10 +4,13 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..newbie_core.attention import flash_attn_available
+from ..newbie_core.files import fingerprint_or_none
 from ..newbie_core.loading import CPU_ONLY, file_dtype
+from ..newbie_core.model_names import default_choice
 from ..newbie_core.precision import cast_module, parse_precision
 from ..newbie_core.text.gemma import load_gemma
 from ..newbie_core.text.jina import load_jina
+from ..newbie_core.validate import check_attention, parse_device
 from ..newbie_core.vae import load_vae
 from . import _comfy
 from .types import NEWBIE_TEXT_ENCODERS, NEWBIE_VAE, LoadedVAE, TextEncoders
@@ -27,7 +30,8 @@ class NewBieDiTLoader(io.ComfyNode):
             description="Loads NewBie-Image-Exp0.1.safetensors (official, ComfyUI-prefixed or diffusers keys; the "
                         "architecture is read from the tensor shapes) as a MODEL managed by ComfyUI's memory manager.",
             inputs=[
-                io.Combo.Input("dit_name", options=_comfy.model_choices("diffusion_models"),
+                io.Combo.Input("dit_name", options=(dits := _comfy.model_choices("diffusion_models")),
+                               default=default_choice(dits, "dit"),
                                tooltip="The DiT file in models/diffusion_models (e.g. NewBie-Image-Exp0.1.safetensors)."),
                 io.Combo.Input("precision", options=DIT_PRECISIONS, default="bf16",
                                tooltip="Weight precision. bf16: reference quality. fp8_e4m3fn: half the memory, "
@@ -43,7 +47,13 @@ class NewBieDiTLoader(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, dit_name, **_):
+        """Re-run when the file changes on disk (same name, new content)."""
+        return _comfy.model_fingerprint("diffusion_models", dit_name)
+
+    @classmethod
     def execute(cls, dit_name, precision, attention, compile, device) -> io.NodeOutput:
+        parse_device(device), check_attention(attention, extra=("comfyui",))  # before any file is read
         path = _comfy.resolve_model("diffusion_models", dit_name,
                                     "NewBie-Image-Exp0.1.safetensors (NewBie-AI/NewBie-image-Exp0.1)")
         prec = parse_precision(precision, "dit")
@@ -64,9 +74,9 @@ class NewBieTextEncoderLoader(io.ComfyNode):
             description="Loads the two NewBie text encoders: ComfyUI single files or HF folders (a folder with "
                         "config.json inside models/text_encoders). No remote code, no downloads.",
             inputs=[
-                io.Combo.Input("gemma_name", options=choices,
+                io.Combo.Input("gemma_name", options=choices, default=default_choice(choices, "gemma"),
                                tooltip="gemma_3_4b_it_bf16.safetensors, or the text_encoder/ folder of the HF repo."),
-                io.Combo.Input("jina_name", options=choices,
+                io.Combo.Input("jina_name", options=choices, default=default_choice(choices, "jina"),
                                tooltip="jina_clip_v2_bf16.safetensors, or the clip_model/ folder of the HF repo."),
                 io.Combo.Input("precision", options=DIT_PRECISIONS, default="bf16",
                                tooltip="Gemma weight precision (fp8_e4m3fn halves its memory; Jina then uses bf16)."),
@@ -76,10 +86,17 @@ class NewBieTextEncoderLoader(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, gemma_name, jina_name, **_):
+        """Re-run when either encoder's files change on disk (same name, new content)."""
+        return (_comfy.model_fingerprint("text_encoders", gemma_name), _comfy.model_fingerprint("text_encoders", jina_name))
+
+    @classmethod
     def execute(cls, gemma_name, jina_name, precision, device) -> io.NodeOutput:
+        parse_device(device)  # before any file is read
         gpath = _comfy.resolve_model("text_encoders", gemma_name, "gemma_3_4b_it_bf16.safetensors")
         jpath = _comfy.resolve_model("text_encoders", jina_name, "jina_clip_v2_bf16.safetensors")
         gprec, jprec = parse_precision(precision, "gemma"), parse_precision(precision, "jina")
+        fingerprints = (fingerprint_or_none(gpath), fingerprint_or_none(jpath))  # what is loaded: the cache key
         gemma = load_gemma(gpath, dtype=file_dtype(gpath), device="cpu")
         jina = load_jina(jpath, dtype=file_dtype(jpath), device="cpu")
         # Gemma's embedding table stays on the CPU in its file dtype (as in the CLI host), the rest is cast
@@ -88,7 +105,7 @@ class NewBieTextEncoderLoader(io.ComfyNode):
         cast_module(gemma.model, gprec)
         cast_module(jina.model, jprec)
         enc = TextEncoders(
-            gemma=gemma, jina=jina, precision=precision, files=(str(gpath), str(jpath)),
+            gemma=gemma, jina=jina, precision=precision, files=(str(gpath), str(jpath)), fingerprints=fingerprints,
             gemma_patcher=gemma_patcher,
             jina_patcher=_comfy.module_patcher(jina.model, "text", f"Jina CLIP v2 ({jpath.name})", device),
         )
@@ -104,7 +121,8 @@ class NewBieVAELoader(io.ComfyNode):
             node_id="NewBieVAELoader", display_name="NewBie VAE Loader", category="NewBie/loaders",
             description="Loads the 16-channel FLUX.1-dev VAE through diffusers' AutoencoderKL.",
             inputs=[
-                io.Combo.Input("vae_name", options=_comfy.model_choices("vae", want_folders=True),
+                io.Combo.Input("vae_name", options=(vaes := _comfy.model_choices("vae", want_folders=True)),
+                               default=default_choice(vaes, "vae"),
                                tooltip="ae.safetensors from black-forest-labs/FLUX.1-dev, or a diffusers vae/ folder."),
                 io.Combo.Input("precision", options=["auto", "bf16", "fp32"], default="auto",
                                tooltip="auto: bf16 on GPUs that support it, else fp32. fp32 avoids rare banding."),
@@ -114,7 +132,13 @@ class NewBieVAELoader(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, vae_name, **_):
+        """Re-run when the VAE's files change on disk (same name, new content)."""
+        return _comfy.model_fingerprint("vae", vae_name)
+
+    @classmethod
     def execute(cls, vae_name, precision, device) -> io.NodeOutput:
+        parse_device(device)  # before any file is read
         path = _comfy.resolve_model("vae", vae_name, "ae.safetensors (FLUX.1-dev VAE)")
         vae = load_vae(path, dtype=file_dtype(path), device="cpu")
         cast_module(vae.model, parse_precision(precision, "vae", _comfy.device_for(device, _comfy.vae_device())))

@@ -48,7 +48,11 @@ class NewBieMemoryPurge(io.ComfyNode):
         models = _comfy.pack_models()
         cache = {"entries": len(EMBEDDING_CACHE), "mib": round(EMBEDDING_CACHE.nbytes() / 2**20, 2),
                  "max_entries": EMBEDDING_CACHE.max_entries}
-        lines = [f"before: {_fmt(before)}", f"after:  {_fmt(after)}", "models held by NewBie nodes:"]
+        # The first three lines are all the node shows at its default size: the summary goes there.
+        loaded = sum(1 for m in models if m["loaded_by_comfyui"])
+        lines = [f"after: {_fmt(after)}",
+                 f"NewBie models: {len(models)} held, {loaded} loaded; prompt cache kept: {cache['entries']} prompts",
+                 f"before: {_fmt(before)}", "models held by NewBie nodes:"]
         lines += [f"  {m['model']}: {', '.join(m['dtypes'])} on {', '.join(m['devices'])}, {m['size_mib']} MiB"
                   + (" (loaded)" if m["loaded_by_comfyui"] else "") for m in models] or ["  (none)"]
         lines.append(f"prompt-embedding cache (kept, RAM only): {cache['entries']} of {cache['max_entries']} "

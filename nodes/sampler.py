@@ -8,6 +8,7 @@ from ..newbie_core import stages
 from ..newbie_core.errors import InputError
 from ..newbie_core.sampling import SOLVERS
 from ..newbie_core.vae import VAE_SCALE_FACTOR
+from ..newbie_core.validate import MAX_BATCH, check_int, check_latent, check_number, check_sampler_settings
 from . import _comfy
 from .text_encode import from_conditioning
 
@@ -58,8 +59,11 @@ class NewBieDiTSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, seed, steps, cfg, shift, solver, cfg_trunc, renorm, width,
                 height, batch_size, latent=None, denoise=1.0) -> io.NodeOutput:
+        check_sampler_settings(steps, cfg, shift, cfg_trunc, renorm, solver)  # NaN/inf, unknown solver: named
+        check_int(batch_size, "batch_size", 1, MAX_BATCH)
+        check_number(denoise, "denoise", 0.0, 1.0)
         if latent is not None:
-            batch_size, _, lh, lw = latent["samples"].shape
+            batch_size, _, lh, lw = check_latent(latent.get("samples") if isinstance(latent, dict) else None).shape
             height, width = lh * VAE_SCALE_FACTOR, lw * VAE_SCALE_FACTOR
         if not isinstance(getattr(model.model, "diffusion_model", None), _comfy.ComfyNewBieDiT):
             raise InputError("This MODEL is not a NewBie DiT: load NewBie-Image-Exp0.1 with NewBie DiT Loader "

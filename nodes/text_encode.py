@@ -10,6 +10,7 @@ from ..newbie_core.memory import EmbeddingCache
 from ..newbie_core.text.encode import PromptEmbeddings
 from ..newbie_core.text.prompts import SYSTEM_PROMPTS, looks_like_xml, resolve_system_prompt
 from ..newbie_core.text.xml_prompt import validate_xml_prompt
+from ..newbie_core.validate import check_choice
 from . import _comfy
 from .types import NEWBIE_TEXT_ENCODERS
 
@@ -63,6 +64,7 @@ class NewBieTextEncode(io.ComfyNode):
     @classmethod
     def execute(cls, text_encoders, positive, negative, system_prompt, keep_loaded,
                 custom_system_prompt="") -> io.NodeOutput:
+        check_choice(system_prompt, "system_prompt", PRESETS)  # any other string would silently become custom text
         system = custom_system_prompt if system_prompt == "custom" else resolve_system_prompt(system_prompt, positive)
         for text in (positive, negative):  # malformed XML: an error with line and column, not a silent bad image
             if looks_like_xml(text) or (system == SYSTEM_PROMPTS["xml"] and text.lstrip().startswith("<")):

@@ -19,6 +19,7 @@ class TextEncoders:
     jina_patcher: object
     precision: str
     files: tuple[str, str]
+    fingerprints: tuple = ()  # content fingerprints taken when loaded (newbie_core.files.content_fingerprint)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from comfy_api.latest import io, ui
 
 from ..newbie_core import stages
 from ..newbie_core.precision import parse_precision
+from ..newbie_core.validate import check_latent
 from . import _comfy
 from .types import NEWBIE_VAE
 
@@ -33,8 +34,9 @@ class NewBieVAEDecode(io.ComfyNode):
     def execute(cls, vae, samples, precision, tiled) -> io.NodeOutput:
         name = vae.precision if precision == "auto" else precision
         prec = parse_precision(name, "vae", vae.patcher.load_device)
+        latents = check_latent(samples.get("samples") if isinstance(samples, dict) else None, "samples", 16)
         host = _comfy.ComfyHost(vae=vae, vae_precision=prec)
-        images, used_tiled = stages.decode(host, samples["samples"], tiled)
+        images, used_tiled = stages.decode(host, latents, tiled)
         out = images.permute(0, 2, 3, 1)
         note = f"decoded {tuple(out.shape[1:3])} in {prec.name}" + (
             "; tiled" if tiled else "; out of memory → decoded in tiles" if used_tiled else "")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..precision import check_finite
+from ..validate import check_text
 from .prompts import capture_truncation_warnings, gemma_text
 
 
@@ -64,7 +65,7 @@ def encode_prompts(gemma, jina, prompts: list[str], system_prompt: str | None = 
     """
     if isinstance(prompts, str):
         raise InputError("encode_prompts expects a list of prompts, e.g. [positive, negative].")
-    prompts = ["" if p is None else str(p) for p in prompts]
+    prompts = [check_text(p, f"prompt {i + 1}") for i, p in enumerate(prompts)]
     if not prompts:
         raise InputError("encode_prompts got no prompts.")
     ids, mask = gemma.tokenize([gemma_text(p, system_prompt) for p in prompts])
@@ -122,6 +123,9 @@ def encode_cached(prompts: list[str], system_prompt: str, cache, identity: tuple
     `jina_session()` one after the other; each yields its encoder placed on a device and may release it on
     exit, so the two encoders are never resident together. NaN/inf in the features raise NumericalError.
     """
+    names = ("positive prompt", "negative prompt") if len(prompts) == 2 else [f"prompt {i + 1}" for i in range(len(prompts))]
+    prompts = [check_text(p, n) for p, n in zip(prompts, names)]  # lone surrogates etc.: named with their position
+    system_prompt = check_text(system_prompt, "system prompt")
     keys = [(p, gemma_text(p, system_prompt), *identity) for p in prompts]
     out: list[PromptEmbeddings | None] = [cache.get(k) for k in keys]
     todo = [i for i, e in enumerate(out) if e is None]

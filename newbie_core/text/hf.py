@@ -16,8 +16,11 @@ def build_hf_model(model_cls, config, state_dict: dict[str, torch.Tensor], dtype
     scales) are then computed by the model's own `_init_weights`. Raises ModelFileError listing
     missing/unexpected tensors.
     """
+    from ..validate import check_state_dict
+
     with torch.device("meta"):
         model = model_cls(config)
+    check_state_dict(model, state_dict, what)  # int8/bool or mis-shaped weights: named, before any cast
     for k in list(state_dict):  # cast in place: the caller's dict is consumed, peak memory stays ~1 copy
         if k.endswith(_DERIVED):  # caches some savers include; recomputed below
             del state_dict[k]

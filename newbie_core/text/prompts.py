@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,12 +47,21 @@ SYSTEM_PROMPTS: dict[str, str] = {
 }
 AUTO = "auto"
 
-_XML_PAIR = re.compile(r"<([A-Za-z_][\w.-]*)(?:\s[^<>]*)?>.*?</\1\s*>", re.S)
-
-
 def looks_like_xml(prompt: str) -> bool:
-    """True when the prompt contains at least one matched `<tag>…</tag>` pair (NewBie's XML caption form)."""
-    return bool(prompt) and _XML_PAIR.search(prompt) is not None
+    """True when the prompt contains at least one matched `<tag>…</tag>` pair (NewBie's XML caption form).
+
+    One linear pass over the tags (a backtracking `<(n)>.*?</\\1>` search was quadratic on many unclosed tags)."""
+    from .xml_prompt import scan_tags
+
+    if not prompt:
+        return False
+    opened: set[str] = set()
+    for _, closing, name, self_closing in scan_tags(prompt):
+        if closing and name in opened:
+            return True
+        if not closing and not self_closing:
+            opened.add(name)
+    return False
 
 
 def auto_preset(prompt: str) -> str:

@@ -34,8 +34,13 @@ CHARACTER_FIELDS = ("n", "gender", "appearance", "clothing", "expression", "acti
 GENERAL_FIELDS = ("count", "body_type", "artists", "style", "background", "environment", "perspective",
                   "atmosphere", "lighting", "quality", "objects", "other", "extra_tags")
 
-_NAME = r"[A-Za-z_][\w.\-]*"
-_TAG = re.compile(rf"<(/?)({_NAME})((?:\s+[^<>]*?)?)\s*(/?)>")
+# Validation is linear in the prompt length (no backtracking regex: the old tag pattern took minutes on
+# "<a>b</a> <c" + 3,000 spaces, holding the GIL, so ComfyUI answered no request) and refuses prompts longer
+# than MAX_XML_CHARS (256 Ki characters, ~100x the longest real prompt; Gemma reads at most a few thousand
+# tokens) before any work.
+MAX_XML_CHARS = 256 * 1024
+_NAME_AT = re.compile(r"[A-Za-z_][\w.\-]*")  # anchored with .match(): linear in the name's length
+_SPACE = frozenset(" \t\n\r\f\v")
 _BARE_LT = re.compile(r"<(?![A-Za-z_/!?])")
 _BARE_AMP = re.compile(r"&(?!(?:[A-Za-z]+|#\d+|#x[0-9A-Fa-f]+);)")
 
@@ -95,12 +100,25 @@ def assemble_xml_prompt(characters=(), general_tags: str | None = None, caption:
     return body
 
 
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 def _error(prompt: str, line: int, col: int, what: str) -> InputError:
+    """The error with line and column (also in words, and a `here: …▶…` excerpt: ComfyUI's error dialog collapses
+    the spaces that align the ^ caret under the quoted line)."""
     lines = prompt.splitlines() or [""]
     line = max(1, min(line, len(lines)))
     text = lines[line - 1]
     col = max(1, min(col, len(text) + 1))
-    return InputError(f"XML prompt error at line {line}, column {col}: {what}\n  {text}\n  {' ' * (col - 1)}^")
+    at = repr(text[col - 1]) if col <= len(text) else "the end of the line"
+    if len(text) > 200:  # a long line: quote 200 characters around the column
+        start = max(0, col - 100)
+        text, col = text[start:start + 200], col - start
+    near = f"{'…' if col > 21 else ''}{text[max(0, col - 21):col - 1]}▶{text[col - 1:col + 19]}{'…' if col + 19 < len(text) else ''}"
+    return InputError(f"XML prompt error at line {line}, column {col}: {what} (column {col} = the {_ordinal(col)} "
+                      f"character of line {line}, at {at})\n  {text}\n  {' ' * (col - 1)}^\n  here: {near}")
 
 
 def _line_col(prompt: str, offset: int) -> tuple[int, int]:
@@ -108,24 +126,58 @@ def _line_col(prompt: str, offset: int) -> tuple[int, int]:
     return line, offset - (prompt.rfind("\n", 0, offset) + 1) + 1
 
 
+def scan_tags(prompt: str):
+    """Yield (start, closing, name, self_closing) for each tag `<name ...>`, `</name>`, `<name/>` in one
+    left-to-right pass: every character is looked at a bounded number of times (the scan for a tag's end stops
+    at the next '<', where the next candidate starts)."""
+    n, i = len(prompt), prompt.find("<")
+    while i != -1:
+        j = i + 1
+        closing = j < n and prompt[j] == "/"
+        if closing:
+            j += 1
+        m = _NAME_AT.match(prompt, j)
+        end = -1
+        if m:
+            j = m.end()
+            if j < n and prompt[j] == ">":
+                end = j
+            elif j + 1 < n and prompt[j] == "/" and prompt[j + 1] == ">":
+                end = j + 1
+            elif j < n and prompt[j] in _SPACE:
+                nxt_gt, nxt_lt = prompt.find(">", j), prompt.find("<", j)
+                if nxt_gt != -1 and (nxt_lt == -1 or nxt_gt < nxt_lt):
+                    end = nxt_gt
+        if end == -1:
+            i = prompt.find("<", i + 1)
+            continue
+        yield i, closing, m.group(0), prompt[end - 1] == "/" and end - 1 > m.start()
+        i = prompt.find("<", end + 1)
+
+
 def validate_xml_prompt(prompt: str) -> ET.Element:
     """Check an XML-style prompt; return its parsed tree under a synthetic `<prompt>` root.
 
     Raises InputError naming line, column and the offending line for unclosed, mismatched or malformed tags.
     """
+    if not isinstance(prompt, str):
+        raise InputError(f"The XML prompt must be text (got {type(prompt).__name__}).")
+    if len(prompt) > MAX_XML_CHARS:
+        raise InputError(f"The XML prompt is {len(prompt):,} characters long; XML prompts are checked up to "
+                         f"{MAX_XML_CHARS:,} characters. Shorten it (the text encoder reads only the first few "
+                         f"thousand tokens anyway).")
     stack: list[tuple[str, int]] = []
-    for m in _TAG.finditer(prompt):
-        closing, name, _, selfclose = m.groups()
+    for start, closing, name, selfclose in scan_tags(prompt):
         if selfclose:
             continue
         if not closing:
-            stack.append((name, m.start()))
+            stack.append((name, start))
             continue
         if not stack:
-            raise _error(prompt, *_line_col(prompt, m.start()), f"</{name}> closes a tag that was never opened.")
+            raise _error(prompt, *_line_col(prompt, start), f"</{name}> closes a tag that was never opened.")
         open_name, open_at = stack.pop()
         if open_name != name:
-            cl, cc = _line_col(prompt, m.start())
+            cl, cc = _line_col(prompt, start)
             raise _error(prompt, *_line_col(prompt, open_at),
                          f"<{open_name}> is not closed before </{name}> (line {cl}, column {cc}); "
                          f"add </{open_name}> or fix the tag name.")
@@ -140,6 +192,11 @@ def validate_xml_prompt(prompt: str) -> ET.Element:
     except ET.ParseError as e:
         line, col = e.position
         msg = str(e).split(":")[0]
+        last_lt = prompt.rfind("<")
+        if line - 1 > prompt.count("\n") + 1 and last_lt != -1 and prompt.find(">", last_lt) == -1:
+            # the parser only noticed in the wrapper's closing tag: point at the '<' that was never finished
+            raise _error(prompt, *_line_col(prompt, last_lt), "this '<' starts a tag that is never finished with '>' "
+                         "(finish the tag, or remove the '<')") from None
         raise _error(prompt, line - 1, col + 1, msg) from None
 
 

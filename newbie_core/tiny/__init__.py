@@ -15,6 +15,8 @@ fixes the shared widths (the DiT's caption/CLIP widths must match the tiny encod
         text_encoders/jina_clip_v2_bf16.safetensors           (LoRA pre-merged)
         vae/ae.safetensors                                    (BFL key names)
         loras/newbie_example_lokr.safetensors                 (a LyCORIS LoKr, official trainer layout)
+        vae/flux_architecture_random/ae.safetensors           (only with flux_vae=True / --flux-vae:
+                                                               full FLUX architecture, random, for core Load VAE)
 """
 from __future__ import annotations
 
@@ -32,8 +34,11 @@ COMFY_VAE_NAME = "ae.safetensors"
 COMFY_LORA_NAME = "newbie_example_lokr.safetensors"  # the bundled LoRA workflow's placeholder for a user's LoRA
 
 
-def make_tiny(root: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Write every tiny model under `root` (see the module docstring) and return {name: path}."""
+def make_tiny(root: str | Path, seed: int = 0, flux_vae: bool = False) -> dict[str, Path]:
+    """Write every tiny model under `root` (see the module docstring) and return {name: path}.
+
+    `flux_vae`: also write a random VAE of the full FLUX architecture (168 MB) as
+    comfyui/vae/flux_architecture_random/ae.safetensors, for ComfyUI's core Load VAE (interop workflow)."""
     from .dit import write_tiny_dit
     from .text import write_tiny_gemma, write_tiny_jina
     from .vae import write_tiny_vae
@@ -47,4 +52,8 @@ def make_tiny(root: str | Path, seed: int = 0) -> dict[str, Path]:
     from .lora import write_tiny_lora
 
     paths["lora_comfyui"] = write_tiny_lora(root / "comfyui" / "loras" / COMFY_LORA_NAME, "lokr", alpha=8.0, seed=seed + 4)
+    if flux_vae:
+        from .vae import write_flux_architecture_vae
+
+        paths.update(write_flux_architecture_vae(root, seed=seed + 5))
     return paths

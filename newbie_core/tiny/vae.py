@@ -75,3 +75,37 @@ def write_tiny_vae(root: str | Path, seed: int = 3) -> dict[str, Path]:
     bfl = {k: v.detach().contiguous().clone() for k, v in diffusers_to_bfl_vae(model.state_dict()).items()}
     save_file(bfl, str(comfy_file), metadata={"format": "pt", NORM_GROUPS_METADATA_KEY: str(TINY_VAE_CONFIG["norm_num_groups"])})
     return {"vae_hf": hf_dir, "vae_comfyui": comfy_file}
+
+
+FLUX_ARCH_SUBDIR = "flux_architecture_random"
+
+
+def write_flux_architecture_vae(root: str | Path, seed: int = 0) -> dict[str, Path]:
+    """`make-tiny --flux-vae`: a VAE with the exact FLUX.1-dev architecture (block_out_channels 128/256/512/512,
+    2 layers per block, 32 norm groups, 16 latent channels; 83.8 M parameters) and seeded random weights, in BFL
+    key names and bf16 (168 MB, a few seconds), as `root/comfyui/vae/flux_architecture_random/ae.safetensors`.
+
+    ComfyUI's core Load VAE builds the full FLUX architecture whatever the file holds, so it cannot read the tiny
+    VAE; this file lets the interop workflow (core VAE nodes) run end to end without the real 335 MB download.
+    Returns {"vae_flux_arch": file}."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    config = dict(TINY_VAE_CONFIG, block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32,
+                  sample_size=1024)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in AutoencoderKL.from_config(config).state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in shapes.items():
+        if key.endswith("bias"):
+            sd[key] = torch.zeros(shape, dtype=torch.bfloat16)
+        elif "norm" in key and key.endswith("weight"):
+            sd[key] = torch.ones(shape, dtype=torch.bfloat16)
+        else:  # N(0, 1/fan_in): activations stay O(1) through the 30-odd layers
+            fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+            sd[key] = (torch.randn(shape, generator=gen) / math.sqrt(fan_in)).to(torch.bfloat16)
+    path = Path(root) / "comfyui" / "vae" / FLUX_ARCH_SUBDIR / "ae.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in diffusers_to_bfl_vae(sd).items()}, str(path))
+    return {"vae_flux_arch": path}

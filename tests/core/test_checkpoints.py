@@ -136,5 +136,5 @@ def test_missing_and_unexpected_keys_are_listed(sd):
     assert "layers.1.feed_forward.w3.weight" in msg and "layers.0.extra.weight" in msg
     bad_shape = dict(sd)
     bad_shape["layers.1.feed_forward.w3.weight"] = torch.zeros(3, 3)
-    with pytest.raises(ModelFileError, match="shapes"):
+    with pytest.raises(ModelFileError, match=r"layers\.1\.feed_forward\.w3\.weight has shape \(3, 3\), but the architecture expects"):
         load_dit(bad_shape)

@@ -70,7 +70,7 @@ def free_port() -> int:
 
 class ComfyServer:
     def __init__(self, comfy_dir: str | Path | None = None, *, pack_dir: str | Path | None = REPO_ROOT,
-                 pack_name: str = PACK_NAME, models: dict[str, str | Path] | None = None, copy_models: bool = False,
+                 pack_name: str = PACK_NAME, models: dict[str, str | Path] | None = None, copy_models: bool = True,
                  base: str | Path | None = None, extra_args: list[str] = (), start_timeout: float = 90.0,
                  python: str = sys.executable):
         found = Path(comfy_dir) if comfy_dir else find_comfyui()
@@ -99,8 +99,11 @@ class ComfyServer:
         settings = self.base / "user" / "default" / "comfy.settings.json"
         settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
 
-    def place_models(self, models: dict[str, str | Path], copy: bool = False) -> dict[str, Path]:
+    def place_models(self, models: dict[str, str | Path], copy: bool = True) -> dict[str, Path]:
         """Put {"<folder_key>/<filename>": source_path} into BASE/models/<folder_key>/<filename>.
+
+        Copies by default: the pack's loaders refuse symlinks that lead out of the model folders (issue 15);
+        copy=False symlinks (for files only ComfyUI's own loaders read, e.g. a big FLUX VAE).
 
         Works before or after start(): ComfyUI's file-list cache is keyed on folder mtimes."""
         placed = {}

@@ -128,7 +128,7 @@ def test_purge_report_lists_models_with_dtypes_and_devices(comfy):
     (purge,) = nodes_of(api, "NewBieMemoryPurge")
     text = entry["outputs"][purge]["text"][0]
     lines = text.splitlines()
-    assert lines[0].startswith("before:") and lines[1].startswith("after:"), text
+    assert lines[0].startswith("after:") and lines[1].startswith("NewBie models:") and lines[2].startswith("before:"), text
 
     def line(label):
         found = [ln for ln in lines if ln.strip().startswith(label)]

@@ -100,34 +100,15 @@ FLUX_VAE_SUBDIR = "flux_architecture_random"
 def flux_arch_vae(comfy, tmp_path_factory) -> str:
     """Write a VAE with the exact FLUX.1-dev architecture (diffusers config of black-forest-labs/FLUX.1-dev/vae:
     block_out_channels 128/256/512/512, 2 layers per block, 32 norm groups, 16 latent channels; 83.8 M parameters)
-    and seeded random weights, in BFL key names and bf16 (168 MB, ~2 s), into models/vae/<subdir>/ae.safetensors.
+    and seeded random weights, in BFL key names and bf16 (168 MB, ~2 s), into models/vae/<subdir>/ae.safetensors:
+    the product's `newbie make-tiny DIR --flux-vae` writer (newbie_core.tiny.vae.write_flux_architecture_vae).
 
     Returns the name core VAELoader lists for it. The tiny models/vae/ae.safetensors stays for the NewBie VAE loader.
     """
-    import torch
-    from diffusers import AutoencoderKL
-    from safetensors.torch import save_file
+    from newbie_core.tiny.vae import write_flux_architecture_vae
 
-    from newbie_core.tiny.vae import TINY_VAE_CONFIG
-    from newbie_core.vae import diffusers_to_bfl_vae
-
-    config = dict(TINY_VAE_CONFIG, block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32,
-                  sample_size=1024)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in AutoencoderKL.from_config(config).state_dict().items()}
-    gen = torch.Generator().manual_seed(0)
-    sd = {}
-    for key, shape in shapes.items():
-        if key.endswith("bias"):
-            sd[key] = torch.zeros(shape, dtype=torch.bfloat16)
-        elif "norm" in key and key.endswith("weight"):
-            sd[key] = torch.ones(shape, dtype=torch.bfloat16)
-        else:  # N(0, 1/fan_in): activations stay O(1) through the 30-odd layers
-            fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
-            sd[key] = (torch.randn(shape, generator=gen) / math.sqrt(fan_in)).to(torch.bfloat16)
-    path = tmp_path_factory.mktemp("flux_arch_vae") / "ae.safetensors"
-    save_file({k: v.contiguous() for k, v in diffusers_to_bfl_vae(sd).items()}, str(path))
-    comfy.place_models({f"vae/{FLUX_VAE_SUBDIR}/ae.safetensors": path})
+    path = write_flux_architecture_vae(tmp_path_factory.mktemp("flux_arch_vae"))["vae_flux_arch"]
+    comfy.place_models({f"vae/{FLUX_VAE_SUBDIR}/ae.safetensors": path}, copy=False)  # read by core VAELoader only
     return f"{FLUX_VAE_SUBDIR}/ae.safetensors"
 
 

@@ -7,6 +7,8 @@ custom_nodes/ of its own server, next to the pack under test. It registers no no
                               {"fault": "oom_vae", "calls": 1}         the first full VAE decode(s) raise it
                               {"fault": "nan", "stage": "dit"}         a stage outputs NaN (dit / vae / text)
                               {"fault": "interrupt_dit", "step": 3}    a real POST /interrupt during DiT call `step`
+                              {"fault": "spy_open"}                    record every path opened (builtins.open,
+                                                                       os.open, safetensors.safe_open): state "opened"
     POST /newbie_test/disarm  undo every armed fault
     GET  /newbie_test/state   {"armed", "fired", "calls", "loaded": [pack models ComfyUI holds], "cuda_allocated",
                                "live_latents": [shapes of live 4-D tensors with 16 channels (latents) after a gc]}
@@ -55,8 +57,38 @@ def _post_interrupt() -> None:
     urllib.request.urlopen(req, timeout=10).read()
 
 
+class _SpyOpen:
+    """Records the paths opened through builtins.open, os.open and safetensors.safe_open while armed."""
+
+    def __init__(self):
+        self.fired, self.calls, self.opened, self._undo = 0, 0, [], []
+
+    def __enter__(self):
+        import builtins
+        import os
+
+        import safetensors
+
+        for mod, name in ((builtins, "open"), (os, "open"), (safetensors, "safe_open")):
+            real = getattr(mod, name)
+
+            def spy(f, *a, _real=real, **k):
+                self.calls += 1
+                self.opened.append(os.fspath(f) if isinstance(f, (str, os.PathLike)) else repr(f))
+                return _real(f, *a, **k)
+            setattr(mod, name, spy)
+            self._undo.append((mod, name, real))
+        return self
+
+    def __exit__(self, *exc):
+        for mod, name, real in self._undo:
+            setattr(mod, name, real)
+
+
 def _arm(spec: dict):
     core, kind = _pack_core(), spec["fault"]
+    if kind == "spy_open":
+        return _SpyOpen()
     if kind == "oom_dit":
         return faults.oom_at_dit_step(int(spec["step"]), core=core)
     if kind == "oom_vae":
@@ -102,4 +134,5 @@ async def state(request):
         "loaded": [m["model"] for m in comfy.pack_models() if m["loaded_by_comfyui"]],
         "cuda_allocated": torch.cuda.memory_allocated() if torch.cuda.is_available() else None,
         "live_latents": latents,
+        "opened": [p for f in _state["faults"] for p in getattr(f, "opened", [])],
     })))
