@@ -41,6 +41,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--system-prompt", default="auto",
                    help="auto (xml for XML prompts, else tags) | xml | tags | demo | none | any custom text")
+    p.add_argument("--jina-max-length", type=int, default=512, metavar="N",
+                   help="Jina token limit: 512 (HF pipeline, default) or 2048 (official demo)")
     p.add_argument("--precision", default="", help="per stage, e.g. dit=bf16,text=fp8_e4m3fn,vae=fp32")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, mps (default: best available)")
     p.add_argument("--tiled-decode", action="store_true", help="decode the VAE in tiles (less memory)")
@@ -54,23 +56,26 @@ def _generate_parser(sub) -> None:
 
 def _resolve_paths(args):
     from .model_paths import ModelPaths
+    from .text.jina import check_jina_max_length
     from .tiny import make_tiny
 
+    max_length = check_jina_max_length(getattr(args, "jina_max_length", 512))
     explicit = {r: getattr(args, r) for r in ("dit", "gemma", "jina", "vae") if getattr(args, r)}
     if args.model_dir:
-        paths = ModelPaths.from_dir(args.model_dir)
-        for role, value in explicit.items():
-            setattr(paths, role, Path(value))
+        paths = ModelPaths.from_dir(args.model_dir, given={r: Path(v) for r, v in explicit.items()})
+        paths.jina_max_length = max_length
         return paths, False
     if len(explicit) == 4:
-        return ModelPaths(**{k: Path(v) for k, v in explicit.items()}), False
+        return ModelPaths(**{k: Path(v) for k, v in explicit.items()}, jina_max_length=max_length), False
     if explicit:
         raise NewBieError("Give all of --dit --gemma --jina --vae, or --model-dir (optionally overriding some).")
     tiny_dir = Path(tempfile.mkdtemp(prefix="newbie-tiny-"))
     make_tiny(tiny_dir)
     print(f"No model given: using built-in TINY RANDOM-WEIGHT models written to {tiny_dir} "
           f"(the image will be noise; pass --model-dir for real weights).", file=sys.stderr)
-    return ModelPaths.from_dir(tiny_dir), True
+    paths = ModelPaths.from_dir(tiny_dir)
+    paths.jina_max_length = max_length
+    return paths, True
 
 
 def cmd_generate(args) -> int:

@@ -71,17 +71,20 @@ class NewBieTextEncoderLoader(io.ComfyNode):
                 io.Combo.Input("precision", options=DIT_PRECISIONS, default="bf16",
                                tooltip="Gemma weight precision (fp8_e4m3fn halves its memory; Jina then uses bf16)."),
                 io.Combo.Input("device", options=_comfy.DEVICE_CHOICES, default="default", tooltip=DEVICE_TIP),
+                io.Int.Input("jina_max_length", default=512, min=8, max=8192, step=8, optional=True,
+                             tooltip="Jina CLIP token limit: 512 = NewBie's HF pipeline (default), 2048 = the "
+                                     "official demo. Longer prompts are cut there (Gemma is always cut at 512)."),
             ],
             outputs=[NEWBIE_TEXT_ENCODERS.Output(tooltip="Both encoders; connect to NewBie Text Encode.")],
         )
 
     @classmethod
-    def execute(cls, gemma_name, jina_name, precision, device) -> io.NodeOutput:
+    def execute(cls, gemma_name, jina_name, precision, device, jina_max_length=512) -> io.NodeOutput:
         gpath = _comfy.resolve_model("text_encoders", gemma_name, "gemma_3_4b_it_bf16.safetensors")
         jpath = _comfy.resolve_model("text_encoders", jina_name, "jina_clip_v2_bf16.safetensors")
         gprec, jprec = parse_precision(precision, "gemma"), parse_precision(precision, "jina")
         gemma = load_gemma(gpath, dtype=file_dtype(gpath), device="cpu")
-        jina = load_jina(jpath, dtype=file_dtype(jpath), device="cpu")
+        jina = load_jina(jpath, dtype=file_dtype(jpath), device="cpu", max_length=jina_max_length)
         cast_module(gemma.model, gprec)
         cast_module(jina.model, jprec)
         enc = TextEncoders(

@@ -96,7 +96,8 @@ def on_device(patcher, encoder, keep_loaded: bool):
 
 def encode_prompts_cached(enc, prompts: list[str], system: str, keep_loaded: bool) -> tuple[list[PromptEmbeddings], int]:
     """Encode prompts through EMBEDDING_CACHE (newbie_core's cached encoding); returns (embeddings, from cache)."""
-    identity = (tuple(file_identity(f) for f in enc.files), enc.precision)  # a replaced file → a new key
+    # a replaced file or another Jina token limit → a new key
+    identity = (tuple(file_identity(f) for f in enc.files), enc.precision, getattr(enc.jina, "max_length", 512))
     device = enc.gemma_patcher.load_device
     try:
         embs, encoded = encode_cached(prompts, system, EMBEDDING_CACHE, identity,
