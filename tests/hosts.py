@@ -203,25 +203,31 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """Per-host tally above pytest's own summary line."""
     if IS_CHILD:
         return
+    def key_of(nodeid: str) -> str:
+        if SUFFIX in nodeid:
+            return f"{HOST2.label} (host 2)" if HOST2 else "host 2"
+        if _is_host_test(nodeid):
+            return f"{HOST1.label} (host 1)" if HOST1 else "host 1 (none)"
+        return "core (no ComfyUI)"
+
     tally: dict[str, dict[str, int]] = {}
-    for outcome in ("passed", "failed", "skipped", "error"):
-        for rep in terminalreporter.stats.get(outcome, []):
-            nodeid = getattr(rep, "nodeid", "")
-            if getattr(rep, "when", "call") not in ("call", "setup") or (outcome == "passed" and rep.when != "call"):
+    seconds: dict[str, float] = {}
+    for outcome, reports in terminalreporter.stats.items():
+        for rep in reports:
+            nodeid, when = getattr(rep, "nodeid", None), getattr(rep, "when", None)
+            if nodeid is None or when is None:
                 continue
-            if SUFFIX in nodeid:
-                key = f"{HOST2.label} (host 2)" if HOST2 else "host 2"
-            elif _is_host_test(nodeid):
-                key = f"{HOST1.label} (host 1)" if HOST1 else "host 1 (none)"
-            else:
-                key = "core (no ComfyUI)"
-            tally.setdefault(key, {}).setdefault(outcome, 0)
-            tally[key][outcome] += 1
+            key = key_of(nodeid)
+            seconds[key] = seconds.get(key, 0.0) + getattr(rep, "duration", 0.0)  # setup + call + teardown
+            if outcome in ("failed", "skipped", "error") or (outcome == "passed" and when == "call"):
+                tally.setdefault(key, {}).setdefault(outcome, 0)
+                tally[key][outcome] += 1
     if not tally:
         return
     terminalreporter.write_sep("-", "per host")
     for key, counts in tally.items():
-        terminalreporter.write_line(f"{key}: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+        terminalreporter.write_line(f"{key}: " + ", ".join(f"{n} {k}" for k, n in counts.items())
+                                    + f" ({seconds.get(key, 0.0):.0f} s)")
     run = getattr(config, "_newbie_host_run", None)
     if run is not None and run.rc is not None:
         terminalreporter.write_line(f"{run.host.label} child run: {run.seconds:.0f} s, exit {run.rc}, log {run.log}")
