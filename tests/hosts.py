@@ -123,10 +123,8 @@ class HostRun:
         if sum(len(a) + 1 for a in args) > 100_000:  # argv limit: run the whole folders instead
             args = sorted({a.split("::")[0] for a in args})
         cmd = [str(self.host.python), "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *args]
-        tr = self.config.pluginmanager.get_plugin("terminalreporter")
-        if tr is not None:
-            tr.write_line(f"\n[hosts] running {len(self.nodeids)} node/integration tests on {self.host.label} "
-                          f"({self.host.tree}) in {self.host.python.parent.parent.name}; log: {self.log}")
+        self.say(f"\n[hosts] running {len(self.nodeids)} node/integration tests on {self.host.label} "
+                 f"({self.host.tree}) in {self.host.python.parent.parent.name}; log: {self.log}")
         t0 = time.monotonic()
         with open(self.log, "w", encoding="utf-8") as log:
             self.rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -137,11 +135,22 @@ class HostRun:
             for line in self.report.read_text(encoding="utf-8").splitlines():
                 row = json.loads(line)
                 results.setdefault(row["nodeid"], []).append(row)
-        if tr is not None:
-            tr.write_line(f"[hosts] {self.host.label}: child pytest exit {self.rc} after {self.seconds:.0f} s; "
-                          f"last line: {self.tail(1).strip()}")
+        self.say(f"[hosts] {self.host.label}: child pytest exit {self.rc} after {self.seconds:.0f} s; "
+                 f"last line: {self.tail(1).strip()}")
         self.results = results
         return results
+
+    def say(self, line: str) -> None:
+        """A line on the terminal now (the proxy runs inside pytest's output capture, so step outside it)."""
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        capman = self.config.pluginmanager.get_plugin("capturemanager")
+        if tr is None:
+            return
+        if capman is None:
+            tr.write_line(line)
+            return
+        with capman.global_and_fixture_disabled():
+            tr.write_line(line)
 
     def tail(self, n: int = 30) -> str:
         try:
@@ -175,7 +184,8 @@ class HostProxy(pytest.Item):
             raise HostFailure("\n".join(f"[{self.host.label}, {r['when']}]\n{r['text']}" for r in failed))
         skipped = [r for r in rows if r["outcome"] == "skipped"]
         if skipped:
-            pytest.skip(f"{self.host.label}: {skipped[0]['reason'] or 'skipped'}")
+            reason = (skipped[0]["reason"] or "skipped").removeprefix("Skipped: ")
+            pytest.skip(f"{self.host.label}: {reason}")
 
     def repr_failure(self, excinfo):
         if isinstance(excinfo.value, HostFailure):
@@ -183,7 +193,7 @@ class HostProxy(pytest.Item):
         return super().repr_failure(excinfo)
 
     def reportinfo(self):
-        return self.path, None, self.name
+        return REPO / self.target.split("::")[0], None, self.name
 
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection: only what was selected runs again
@@ -195,8 +205,8 @@ def pytest_collection_modifyitems(session, config, items):
         return
     config._newbie_host_run = HostRun(config, HOST2, [it.nodeid for it in targets])
     for it in targets:
-        items.append(HostProxy.from_parent(session, name=f"{it.nodeid}{SUFFIX}{HOST2.version}",
-                                           target=it.nodeid, host=HOST2))
+        name = f"{it.nodeid}{SUFFIX}{HOST2.version}"
+        items.append(HostProxy.from_parent(session, name=name, nodeid=name, target=it.nodeid, host=HOST2))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
