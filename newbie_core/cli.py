@@ -49,6 +49,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--batch", type=int, default=1, help="images per run, 1..64")
     p.add_argument("--system-prompt", default="auto",
                    help="auto (xml for XML prompts, else tags) | xml | tags | demo | none | any custom text")
+    p.add_argument("--jina-max-length", type=int, default=512, metavar="N",
+                   help="Jina token limit: 512 (HF pipeline, default) or 2048 (official demo)")
     p.add_argument("--precision", default="", help="per stage, e.g. dit=bf16,text=fp8_e4m3fn,vae=fp32")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, mps (None: the best available)")
     p.add_argument("--tiled-decode", action="store_true", help="decode the VAE in tiles (less memory)")

@@ -138,14 +138,16 @@ def model_paths_for(args) -> Iterator[tuple[object, bool]]:
     from .model_paths import ModelPaths
     from .tiny import make_tiny
 
+    from .text.jina import check_jina_max_length
+
+    max_length = check_jina_max_length(getattr(args, "jina_max_length", 512))
     explicit = {r: getattr(args, r) for r in ROLES if getattr(args, r, None)}
     if args.model_dir or len(explicit) == 4:
-        paths = ModelPaths.from_dir(args.model_dir) if args.model_dir else None
         resolved = {r: _explicit_path(r, v, args.model_dir) for r, v in explicit.items()}
-        if paths is None:
-            paths = ModelPaths(**resolved)
+        paths = ModelPaths.from_dir(args.model_dir, given=resolved) if args.model_dir else ModelPaths(**resolved)
         for role, value in resolved.items():
             setattr(paths, role, value)
+        paths.jina_max_length = max_length
         yield paths, False
         return
     if explicit:
@@ -155,7 +157,9 @@ def model_paths_for(args) -> Iterator[tuple[object, bool]]:
         make_tiny(tiny_dir)
         print(f"No model given: using built-in TINY RANDOM-WEIGHT models in a temporary folder (removed at exit; "
               f"the image will be noise; pass --model-dir for real weights).", file=sys.stderr)
-        yield ModelPaths.from_dir(tiny_dir), True
+        paths = ModelPaths.from_dir(tiny_dir)
+        paths.jina_max_length = max_length
+        yield paths, True
     finally:
         shutil.rmtree(tiny_dir, ignore_errors=True)
 

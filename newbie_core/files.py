@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -189,7 +190,16 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".sft"))
     if not files:
         raise ModelFileError(f"No .safetensors weights in folder {path}.")
+    if len(files) > 1 and not all(_SHARD.search(f.name) for f in files):
+        # e.g. model.safetensors next to a single-file copy: reading both would merge two models' tensors
+        raise ModelFileError(
+            f"{path} holds {len(files)} weight files ({', '.join(f.name for f in files)}) and no "
+            f"*.safetensors.index.json saying they are shards of one model. Refusing to guess: keep one of them "
+            f"in the folder (move the others away), or point at the file you want instead of the folder.")
     return files
+
+
+_SHARD = re.compile(r"-\d{5}-of-\d{5}\.(safetensors|sft)$")  # model-00001-of-00002.safetensors
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -63,7 +63,7 @@ def load_role(role: str, paths: ModelPaths, attention: str = "auto", loras=()) -
     if role == "jina":
         from .text.jina import load_jina
 
-        enc = load_jina(src, dtype=file_dtype(src), device="cpu")
+        enc = load_jina(src, dtype=file_dtype(src), device="cpu", max_length=getattr(paths, "jina_max_length", 512))
         return LoadedRole(enc, enc.model, **extra)
     if role == "vae":
         from .vae import load_vae

@@ -183,10 +183,10 @@ class Pipeline:
         return self.ledger.stage(stage, self.device)
 
     def text_identity(self) -> tuple:
-        """Encoder content fingerprints (taken when each was loaded, else of the file now) + text precision:
-        the embedding-cache identity."""
+        """Encoder content fingerprints (taken when each was loaded, else of the file now), text precision and
+        the Jina token limit: the embedding-cache identity."""
         return (*(loaded_fingerprint(self._models.get(r), getattr(self.paths, r, None)) for r in ("gemma", "jina")),
-                self.precision_names["text"])
+                self.precision_names["text"], getattr(self.paths, "jina_max_length", 512))
 
     def fail(self, stage: str, exc: BaseException) -> NoReturn:
         """Release everything a failed stage held (models, its frames' tensors, the device cache); turn OOM

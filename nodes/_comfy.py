@@ -317,7 +317,7 @@ def module_patcher(module: torch.nn.Module, kind: str, label: str, device: str =
     """A plain ModelPatcher for a text encoder or the VAE, so ComfyUI's memory manager sees it. `cpu_only`
     submodules (newbie_core.loading.CPU_ONLY: Gemma's embedding table) are held outside the patched tree:
     never moved to the device and not counted in the model's size, as in the CLI host."""
-    load = {"text": mm.text_encoder_device, "vae": mm.vae_device}[kind]()
+    load = {"text": text_encoder_load_device, "vae": mm.vae_device}[kind]()
     offload = {"text": mm.text_encoder_offload_device, "vae": mm.vae_offload_device}[kind]()
     keep_on_host(module, cpu_only)
     module.to(offload)
@@ -497,8 +497,10 @@ class ComfyHost:
         return nullcontext(None)
 
     def text_identity(self) -> tuple:
-        """Encoder content fingerprints taken when they were loaded, and precision (a replaced file: a new key)."""
-        return (self.enc.fingerprints or tuple(file_identity(f) for f in self.enc.files), self.enc.precision)
+        """Encoder content fingerprints taken when they were loaded, precision and the Jina token limit (a replaced
+        file or another limit: a new key)."""
+        return (self.enc.fingerprints or tuple(file_identity(f) for f in self.enc.files), self.enc.precision,
+                getattr(self.enc.jina, "max_length", 512))
 
     def fail(self, stage: str, exc: BaseException):
         """Free what the failure holds; after an out-of-memory unload every model and explain; re-raise."""
@@ -522,7 +524,7 @@ def memory_snapshot() -> dict:
     out = {"device": str(dev), "ram_used_mib": psutil.Process().memory_info().rss / 2**20,
            "ram_free_mib": psutil.virtual_memory().available / 2**20}
     if dev.type != "cpu":
-        out["vram_free_mib"] = mm.get_free_memory(dev) / 2**20
+        out["vram_free_mib"] = free_memory(dev) / 2**20
         out["vram_total_mib"] = mm.get_total_memory(dev) / 2**20
         out["vram_allocated_mib"] = torch.cuda.memory_allocated(dev) / 2**20 if dev.type == "cuda" else 0.0
     return out
@@ -631,3 +633,53 @@ def _install_lora_key_map() -> None:
 
 NewBieBaseModel.newbie_lora_key_map = lora_key_map
 _install_lora_key_map()
+
+
+# ------------------------------------------------------------------------------------ version guards
+# ComfyUI calls whose behaviour or signature changed after 0.3.64 (the oldest supported version). Each helper
+# works on both sides of the change; tests/nodes/test_comfy_guards.py has a test per guard (run on every host).
+def dynamic_vram() -> bool:
+    """True when the running ComfyUI manages VRAM dynamically (comfy-aimdo, upstream 0.5+ unless started with
+    --disable-dynamic-vram). 0.3.64 and 0.4.0 have no such mode."""
+    import sys
+
+    mem = sys.modules.get("comfy.memory_management")
+    return bool(getattr(mem, "aimdo_enabled", False))
+
+
+def text_encoder_load_device() -> torch.device:
+    """ComfyUI's device for the text encoders.
+
+    Guard: under dynamic VRAM `text_encoder_device()` returns the GPU even in --lowvram/--novram mode, because
+    ComfyUI's own encoders stream their weights there. Ours are plain ModelPatchers that load whole (Gemma
+    ≈ 7.3 GiB in bf16), so in those modes we keep the rule of 0.3.64: encode on the offload device (the CPU)."""
+    device = mm.text_encoder_device()
+    if dynamic_vram() and mm.vram_state in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM):
+        return mm.text_encoder_offload_device()
+    return device
+
+
+def free_memory(device, patcher=None) -> int:
+    """Free bytes on `device` as ComfyUI counts them.
+
+    Guard: newer ComfyUI documents `model_management.get_free_memory` as inexact under dynamic VRAM (idle models
+    stay resident until something needs the room) and offers `ModelPatcher.get_free_memory`, which counts that
+    room as free. Older versions (0.3.64, 0.4.0) only have the module function."""
+    if patcher is not None and hasattr(patcher, "get_free_memory"):
+        return patcher.get_free_memory(device)
+    return mm.get_free_memory(device)
+
+
+def pick_operations(weight_dtype, compute_dtype, load_device=None, model_config=None):
+    """`comfy.ops.pick_operations` on any version: the operations class (Linear, Conv, ...) for these dtypes.
+
+    Guard: 0.3.64 takes `scaled_fp8=`; 0.4.0 and later take `model_config=` instead (and dropped `scaled_fp8`).
+    The pack never uses scaled fp8, so only `model_config` is passed, and only where it is accepted."""
+    import inspect
+
+    import comfy.ops
+
+    kwargs = {"load_device": load_device}
+    if "model_config" in inspect.signature(comfy.ops.pick_operations).parameters:
+        kwargs["model_config"] = model_config
+    return comfy.ops.pick_operations(weight_dtype, compute_dtype, **kwargs)

@@ -81,6 +81,9 @@ class NewBieTextEncoderLoader(io.ComfyNode):
                 io.Combo.Input("precision", options=DIT_PRECISIONS, default="bf16",
                                tooltip="Gemma weight precision (fp8_e4m3fn halves its memory; Jina then uses bf16)."),
                 io.Combo.Input("device", options=_comfy.DEVICE_CHOICES, default="default", tooltip=DEVICE_TIP),
+                io.Int.Input("jina_max_length", default=512, min=8, max=8192, step=8, optional=True,
+                             tooltip="Jina CLIP token limit: 512 = NewBie's HF pipeline (default), 2048 = the "
+                                     "official demo. Longer prompts are cut there (Gemma is always cut at 512)."),
             ],
             outputs=[NEWBIE_TEXT_ENCODERS.Output(tooltip="Both encoders; connect to NewBie Text Encode.")],
         )
@@ -91,14 +94,14 @@ class NewBieTextEncoderLoader(io.ComfyNode):
         return (_comfy.model_fingerprint("text_encoders", gemma_name), _comfy.model_fingerprint("text_encoders", jina_name))
 
     @classmethod
-    def execute(cls, gemma_name, jina_name, precision, device) -> io.NodeOutput:
+    def execute(cls, gemma_name, jina_name, precision, device, jina_max_length=512) -> io.NodeOutput:
         parse_device(device)  # before any file is read
         gpath = _comfy.resolve_model("text_encoders", gemma_name, "gemma_3_4b_it_bf16.safetensors")
         jpath = _comfy.resolve_model("text_encoders", jina_name, "jina_clip_v2_bf16.safetensors")
         gprec, jprec = parse_precision(precision, "gemma"), parse_precision(precision, "jina")
         fingerprints = (fingerprint_or_none(gpath), fingerprint_or_none(jpath))  # what is loaded: the cache key
         gemma = load_gemma(gpath, dtype=file_dtype(gpath), device="cpu")
-        jina = load_jina(jpath, dtype=file_dtype(jpath), device="cpu")
+        jina = load_jina(jpath, dtype=file_dtype(jpath), device="cpu", max_length=jina_max_length)
         # Gemma's embedding table stays on the CPU in its file dtype (as in the CLI host), the rest is cast
         gemma_patcher = _comfy.module_patcher(gemma.model, "text", f"Gemma3 ({gpath.name})", device,
                                               cpu_only=CPU_ONLY["gemma"])

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # One-shot set-up for a fresh machine: a virtualenv in .venv with torch pinned through a constraints file,
-# this package (newbie_core + the `newbie` command) installed editable, and the test extras.
-# If a ComfyUI source tree is found ($COMFYUI_DIR, or the ComfyUI tree this pack sits in), its requirements
-# are installed into the same venv so the integration tests can start a real server.
+# this package (newbie_core + the `newbie` command) installed editable with its `torch` and `test` extras.
+# If a ComfyUI source tree is found ($COMFYUI_DIR, or the ComfyUI tree this pack sits in; see
+# scripts/find_comfyui.py), its requirements are installed into the same venv so the node and integration tests
+# can run it. If a second, newer ComfyUI tree is found too ($COMFYUI_DIR_2, ~/ComfyUI-0.4.0, /work/ComfyUI-0.4.0),
+# a second venv .venv-comfyui-<its version> gets the same packages + that tree's requirements: the tests re-run
+# their ComfyUI part there (tests/hosts.py).
 #
-# Environment: PYTHON (default python3), TORCH_VERSION (default 2.13.0), VENV (default .venv), COMFYUI_DIR.
+# Environment: PYTHON (default python3), TORCH_VERSION (default 2.13.0), VENV (default .venv), COMFYUI_DIR,
+# COMFYUI_DIR_2 (empty: no second host).
 # Re-running is cheap: pip finds everything already installed.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -15,33 +19,41 @@ VENV=${VENV:-$root/.venv}
 start=$SECONDS
 say() { echo "[setup +$((SECONDS - start))s] $*"; }
 
-[[ -x $VENV/bin/python ]] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
-PY=$VENV/bin/python
-# torchvision/torchaudio pins matter only for ComfyUI; they keep pip from pulling a newer (CUDA) torch.
-cat >"$VENV/constraints.txt" <<CONS
+# make_venv VENV [COMFYUI_TREE]: torch pinned, this package + extras, and the tree's requirements when given.
+make_venv() {
+  local venv=$1 comfy=${2:-} py sp
+  [[ -x $venv/bin/python ]] || { say "creating $venv"; "$PYTHON" -m venv "$venv"; }
+  py=$venv/bin/python
+  # torchvision/torchaudio pins matter only for ComfyUI; they keep pip from pulling a newer (CUDA) torch.
+  cat >"$venv/constraints.txt" <<CONS
 torch==$TORCH_VERSION
 torchvision==0.28.0
 torchaudio==2.11.0
 CONS
-export PIP_CONSTRAINT=$VENV/constraints.txt PIP_DISABLE_PIP_VERSION_CHECK=1
-pipi() { "$PY" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
-
-say "torch==$TORCH_VERSION (constraints: $VENV/constraints.txt)"
-pipi "torch==$TORCH_VERSION"
-say "newbie_core (editable) + test extras"
-pipi -e ".[test]" accelerate
-
-comfy=$("$PY" "$root/scripts/find_comfyui.py" || true)
-if [[ -n $comfy ]]; then
-  say "ComfyUI tree at $comfy: installing its requirements"
-  pipi -r "$comfy/requirements.txt" requests
-  sp=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  if ! "$PY" -c 'import torch,sys; sys.exit(0 if torch.version.cuda is None else 1)'; then :; else
-    cp "$root/tools/torchvision_cpu_shim.py" "$sp/torchvision_cpu_shim.py"
-    echo "import torchvision_cpu_shim" >"$sp/torchvision_cpu_shim.pth"
-    if ! "$PY" -c 'import torchaudio' >/dev/null 2>&1; then rm -f "$sp"/torchaudio/lib/*.so; fi
+  export PIP_CONSTRAINT=$venv/constraints.txt PIP_DISABLE_PIP_VERSION_CHECK=1
+  pipi() { "$py" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+  say "$venv: torch==$TORCH_VERSION (constraints: $venv/constraints.txt)"
+  pipi "torch==$TORCH_VERSION"
+  say "$venv: newbie_core (editable) + torch and test extras"
+  pipi -e ".[torch,test]" accelerate
+  if [[ -n $comfy ]]; then
+    say "$venv: ComfyUI $("$py" scripts/find_comfyui.py --version-of "$comfy" 2>/dev/null || true)tree at $comfy: its requirements"
+    pipi -r "$comfy/requirements.txt" requests
+    sp=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    if "$py" -c 'import torch,sys; sys.exit(0 if torch.version.cuda is None else 1)'; then
+      cp "$root/tools/torchvision_cpu_shim.py" "$sp/torchvision_cpu_shim.py"
+      echo "import torchvision_cpu_shim" >"$sp/torchvision_cpu_shim.pth"
+      if ! "$py" -c 'import torchaudio' >/dev/null 2>&1; then rm -f "$sp"/torchaudio/lib/*.so; fi
+    fi
   fi
-else
-  say "no ComfyUI tree found (set COMFYUI_DIR): integration tests will skip"
+  say "$venv done: $("$py" -c 'import torch, transformers, diffusers; print("torch", torch.__version__, "transformers", transformers.__version__, "diffusers", diffusers.__version__)')"
+}
+
+comfy=$("$PYTHON" "$root/scripts/find_comfyui.py" || true)
+[[ -n $comfy ]] || say "no ComfyUI tree found (set COMFYUI_DIR): node and integration tests will skip"
+make_venv "$VENV" "$comfy"
+
+comfy2=$("$PYTHON" "$root/scripts/find_comfyui.py" --second || true)
+if [[ -n $comfy2 ]]; then
+  make_venv "$root/$("$PYTHON" "$root/scripts/find_comfyui.py" --venv)" "$comfy2"
 fi
-say "done: $("$PY" -c 'import torch, transformers, diffusers; print("torch", torch.__version__, "transformers", transformers.__version__, "diffusers", diffusers.__version__)')"

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+pytest_plugins = ["hosts"]  # tests/hosts.py: the node and integration tests also run on a second ComfyUI host
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):

@@ -23,12 +23,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from ..errors import ModelFileError
+from ..errors import InputError, ModelFileError
 from ..files import describe_state_dict, read_under_prefix, require_exists
 from .hf import SPIECE_KEY, build_hf_model
 from ..recovery import cleans_up_on_failure
@@ -180,11 +180,14 @@ def jina_config_from_weights(sd: dict[str, torch.Tensor], cfg: dict | None = Non
 
 def _tokenizer(path: Path, spiece: torch.Tensor | None) -> TextTokenizer:
     if path.is_dir():
-        if (path / "tokenizer.json").is_file():
-            return TextTokenizer.from_tokenizer_json(path / "tokenizer.json")
-        if (path / "sentencepiece.bpe.model").is_file():  # original XLM-R spm: fairseq id offset
-            return TextTokenizer.from_sentencepiece((path / "sentencepiece.bpe.model").read_bytes(),
-                                                    str(path / "sentencepiece.bpe.model"), id_offset=1)
+        # the folder itself, else a sibling clip_tokenizer/ (the diffusers-style NewBie layout registers
+        # `tokenizer` for Gemma and `clip_tokenizer` for Jina; a sibling tokenizer/ is Gemma's, never used here)
+        for d in (path, path.parent / "clip_tokenizer"):
+            if (d / "tokenizer.json").is_file():
+                return TextTokenizer.from_tokenizer_json(d / "tokenizer.json")
+            if (d / "sentencepiece.bpe.model").is_file():  # original XLM-R spm: fairseq id offset
+                return TextTokenizer.from_sentencepiece((d / "sentencepiece.bpe.model").read_bytes(),
+                                                        str(d / "sentencepiece.bpe.model"), id_offset=1)
     elif spiece is not None:
         tok = TextTokenizer.from_sentencepiece(spiece, f"{path} (embedded spiece_model)")
         sp = tok._backend
@@ -196,7 +199,8 @@ def _tokenizer(path: Path, spiece: torch.Tensor | None) -> TextTokenizer:
         side = path.with_name(path.stem + ".tokenizer.json")
         if side.is_file():
             return TextTokenizer.from_tokenizer_json(side)
-    where = (f"into {path}" if path.is_dir() else f"next to it as {path.with_name(path.stem + '.tokenizer.json')}")
+    where = (f"into {path} (or a sibling clip_tokenizer/ folder)" if path.is_dir()
+             else f"next to it as {path.with_name(path.stem + '.tokenizer.json')}")
     raise ModelFileError(
         f"No Jina (XLM-RoBERTa) tokenizer found for {path}: it has no embedded 'spiece_model' tensor and no "
         f"tokenizer.json. Copy tokenizer.json from jinaai/jina-clip-v2 (or FacebookAI/xlm-roberta-large) {where}, "
@@ -204,18 +208,35 @@ def _tokenizer(path: Path, spiece: torch.Tensor | None) -> TextTokenizer:
     )
 
 
+# Jina's token limit is a choice, not a fact of the model: NewBie's HF pipeline cuts at 512 (the default here),
+# the official demo/finetune scripts at 2048; jina-clip-v2 itself takes up to 8192 positions.
+JINA_MAX_LENGTH_RANGE = (8, 8192)
+
+
+def check_jina_max_length(n: int) -> int:
+    """`n` as the Jina token limit, or an InputError naming the allowed range and the two usual values."""
+    lo, hi = JINA_MAX_LENGTH_RANGE
+    if not isinstance(n, int) or isinstance(n, bool) or not lo <= n <= hi:
+        raise InputError(f"Jina max length {n!r} is outside {lo}..{hi}. Use 512 (the HF pipeline's value, default) "
+                         f"or 2048 (the official demo's value).")
+    return n
+
+
 @dataclass
 class JinaTextEncoder:
-    """A loaded Jina CLIP v2 text tower: `.model` (JinaEmbeddingsV3Model, LoRA merged), `.tokenizer`, `.hidden_size`."""
+    """A loaded Jina CLIP v2 text tower: `.model` (JinaEmbeddingsV3Model, LoRA merged), `.tokenizer`, `.hidden_size`,
+    `.max_length` (token limit: 512 as the HF pipeline, 2048 as the official demo)."""
 
     model: torch.nn.Module
     tokenizer: TextTokenizer
     hidden_size: int
     source: str = ""
+    max_length: int = JINA_SPEC.max_length
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(input_ids, attention_mask)` [B, L] int64: `<s>` text `</s>`, pad 1, at most 512 tokens."""
-        return tokenize_batch(self.tokenizer, JINA_SPEC, texts)
+        """`(input_ids, attention_mask)` [B, L] int64: `<s>` text `</s>`, pad 1, at most `max_length` tokens."""
+        spec = JINA_SPEC if self.max_length == JINA_SPEC.max_length else replace(JINA_SPEC, max_length=self.max_length)
+        return tokenize_batch(self.tokenizer, spec, texts)
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         """Pooled text vectors `[B, D]` (model dtype): masked mean over all non-pad tokens, no projection/norm."""
@@ -238,11 +259,13 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @cleans_up_on_failure
 def load_jina(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-              merge: bool = True) -> JinaTextEncoder:
+              merge: bool = True, max_length: int = JINA_SPEC.max_length) -> JinaTextEncoder:
     """Load the Jina CLIP v2 text tower from a HF folder or ComfyUI single file (see the module docstring).
 
     `merge=False` ignores the LoRA tensors (the plain backbone; only for tests and comparisons).
+    `max_length`: the token limit of `tokenize` (512 = HF pipeline, default; 2048 = official demo).
     """
+    check_jina_max_length(max_length)
     _, Model = _jina_model_class()
     path = Path(path)
     require_exists(path, "the Jina CLIP v2 text encoder", "Check the path, or download "
@@ -280,4 +303,5 @@ def load_jina(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str
                            f"Jina CLIP v2 ({path})")
     logger.info("Loaded Jina CLIP v2 text tower from %s (%d layers, hidden %d, %s).", path,
                 config.num_hidden_layers, config.hidden_size, dtype)
-    return JinaTextEncoder(model=model, tokenizer=tokenizer, hidden_size=config.hidden_size, source=str(path))
+    return JinaTextEncoder(model=model, tokenizer=tokenizer, hidden_size=config.hidden_size, source=str(path),
+                           max_length=max_length)

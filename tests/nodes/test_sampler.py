@@ -128,8 +128,13 @@ def test_interrupt_from_progress_hook_stops_sampling(monkeypatch, comfyui, pack,
     try:
         with pytest.raises(mm.InterruptProcessingException):
             sampler(steps=6)
-        assert calls["hook"] == 2  # tick 1 set the flag, tick 2 raised
-        assert steps_done == [0, 1]  # intervals 3..5 never ran
+        # tick 1 set the flag. ComfyUI 0.3.64 raises at tick 2; newer ComfyUI (comfy.ops.run_every_op) already
+        # raises in the first comfy.ops layer of the next model call, before its tick.
+        import comfy.ops
+
+        per_op = hasattr(comfy.ops, "run_every_op")
+        assert calls["hook"] == (1 if per_op else 2)
+        assert steps_done == ([0] if per_op else [0, 1])  # the remaining intervals never ran
     finally:
         mm.interrupt_current_processing(False)
     assert not mm.processing_interrupted()

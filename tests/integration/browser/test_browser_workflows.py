@@ -99,11 +99,14 @@ def test_workflow_loads_runs_and_shows_its_image(ui, path, flux_arch_vae, exampl
 
 def test_workflows_are_in_the_template_browser_and_open_from_it(ui, artifacts_dir):
     """Workflow menu → Browse Templates: a category named after the pack (its folder under custom_nodes) in the
-    "Custom Nodes" group, one card per workflow; clicking a card loads that workflow."""
+    "Custom Nodes" group (frontend 1.27, ComfyUI 0.3.64) or the "Extensions" group (frontend 1.34, ComfyUI 0.4.0),
+    one card per workflow; clicking a card loads that workflow."""
     ui.command("Comfy.BrowseTemplates")
-    dialog = ui.page.locator(".p-dialog").filter(has_text="Custom Nodes")
+    dialog = ui.page.locator(".p-dialog, [role='dialog']").filter(has_text=PACK_NAME).first
     dialog.wait_for(timeout=30_000)
-    dialog.get_by_role("option", name=PACK_NAME, exact=True).click()
+    text = dialog.inner_text().lower()
+    assert "custom nodes" in text or "extensions" in text, text[:500]
+    dialog.get_by_text(PACK_NAME, exact=True).first.click()
     for path in WORKFLOWS:
         card = dialog.locator(f"[data-testid='template-workflow-{path.stem}']")
         card.wait_for(timeout=10_000)
@@ -113,7 +116,7 @@ def test_workflows_are_in_the_template_browser_and_open_from_it(ui, artifacts_di
     basic = WORKFLOWS[[p.stem for p in WORKFLOWS].index("newbie_basic_t2i")]
     dialog.locator(f"[data-testid='template-workflow-{basic.stem}']").click()
     ui.page.wait_for_function("() => app.graph._nodes.some(n => n.type === 'NewBieDiTSampler')", timeout=30_000)
-    ui.page.locator(".p-dialog").filter(has_text="Custom Nodes").wait_for(state="hidden", timeout=10_000)
+    dialog.wait_for(state="hidden", timeout=10_000)
     report = ui.load_report(json.loads(basic.read_text(encoding="utf-8")))
     assert not report.problems(), "\n".join(report.problems())
 

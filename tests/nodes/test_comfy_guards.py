@@ -1,0 +1,103 @@
+"""One test per version guard in nodes/_comfy.py (ComfyUI calls that changed after 0.3.64).
+
+These run on every ComfyUI host of the test run (tests/hosts.py): the branch the running version takes is
+exercised for real, the other branch by simulating what the newer/older ComfyUI does.
+"""
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+
+@pytest.fixture()
+def guards(pack):
+    return pack.nodes._comfy
+
+
+def test_host_version_is_reported(comfyui):
+    """The host under test says which ComfyUI it is (the version the per-host tally names)."""
+    import comfyui_version
+
+    assert comfyui_version.__version__.count(".") >= 1
+    assert str(comfyui.dir) in comfyui_version.__file__
+
+
+# ---------------------------------------------------------------- pick_operations (signature changed in 0.4.0)
+def test_pick_operations_on_this_host(comfyui, guards):
+    import comfy.ops
+
+    same = guards.pick_operations(torch.float32, torch.float32)
+    cast = guards.pick_operations(torch.bfloat16, torch.float32)
+    assert same is comfy.ops.disable_weight_init
+    assert cast is comfy.ops.manual_cast
+    assert issubclass(cast.Linear, torch.nn.Linear)
+
+
+@pytest.mark.parametrize("newer", [False, True], ids=["scaled_fp8-signature", "model_config-signature"])
+def test_pick_operations_passes_only_accepted_keywords(comfyui, guards, monkeypatch, newer):
+    import comfy.ops
+
+    seen = {}
+    if newer:
+        def fake(weight_dtype, compute_dtype, load_device=None, disable_fast_fp8=False, fp8_optimizations=False,
+                 model_config=None):
+            seen.update(model_config=model_config, load_device=load_device)
+            return "ops"
+    else:
+        def fake(weight_dtype, compute_dtype, load_device=None, disable_fast_fp8=False, fp8_optimizations=False,
+                 scaled_fp8=None):
+            seen.update(load_device=load_device)
+            return "ops"
+    monkeypatch.setattr(comfy.ops, "pick_operations", fake)
+    cfg = object()
+    assert guards.pick_operations(torch.bfloat16, None, load_device="cpu", model_config=cfg) == "ops"
+    assert seen["load_device"] == "cpu"
+    assert ("model_config" in seen) == newer and (not newer or seen["model_config"] is cfg)
+
+
+# ------------------------------------------------- text_encoder_device (dynamic VRAM may return the GPU)
+def test_text_encoder_device_is_comfyuis_without_dynamic_vram(comfyui, guards):
+    assert not guards.dynamic_vram()  # 0.3.64 and the 0.4.0 fork have no dynamic VRAM
+    assert guards.text_encoder_load_device() == comfyui.mm.text_encoder_device()
+
+
+@pytest.mark.parametrize("state", ["LOW_VRAM", "NO_VRAM", "NORMAL_VRAM"])
+def test_text_encoder_stays_off_the_gpu_in_lowvram_under_dynamic_vram(comfyui, guards, monkeypatch, state):
+    mm = comfyui.mm
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setitem(sys.modules, "comfy.memory_management", types.SimpleNamespace(aimdo_enabled=True))
+    monkeypatch.setattr(mm, "text_encoder_device", lambda: gpu)  # what dynamic-VRAM ComfyUI returns
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState[state])
+    assert guards.dynamic_vram()
+    expected = mm.text_encoder_offload_device() if state != "NORMAL_VRAM" else gpu
+    assert guards.text_encoder_load_device() == expected
+
+
+def test_text_encoder_patcher_uses_the_guarded_device(comfyui, guards, monkeypatch):
+    monkeypatch.setattr(guards, "text_encoder_load_device", lambda: torch.device("meta"))
+    patcher = guards.module_patcher(torch.nn.Linear(2, 2), "text", "guard test")
+    assert patcher.load_device == torch.device("meta")
+
+
+# ------------------------------------------------------------- get_free_memory (inexact under dynamic VRAM)
+def test_free_memory_on_this_host(comfyui, guards):
+    dev = comfyui.mm.get_torch_device()
+    got = guards.free_memory(dev)
+    assert got > 0
+    assert abs(got - comfyui.mm.get_free_memory(dev)) < 2**30  # same source, read a moment apart
+
+
+def test_free_memory_prefers_the_patchers_count(comfyui, guards):
+    class NewerPatcher:  # newer ComfyUI: counts idle resident models as free
+        def get_free_memory(self, device):
+            return 12345
+
+    class OlderPatcher:  # 0.3.64 / 0.4.0: no such method
+        pass
+
+    dev = comfyui.mm.get_torch_device()
+    assert guards.free_memory(dev, NewerPatcher()) == 12345
+    assert guards.free_memory(dev, OlderPatcher()) == pytest.approx(comfyui.mm.get_free_memory(dev), rel=0.05)
