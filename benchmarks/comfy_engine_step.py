@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import tempfile
@@ -61,7 +60,7 @@ def main() -> int:
     path = write_random_dit(args.quick, device, tmp)
     hw, cap = ((16, 16), 24) if args.quick else ((128, 128), 256)
     runs = 1 if args.quick else 5
-    rows, steps_out = [], {}
+    rows = []
 
     cli_dit = load_dit(path, dtype=torch.bfloat16, device="cpu")
     staged = StagedModel("dit", cli_dit)

@@ -14,7 +14,6 @@ axes 1 and 2 get `2·ceil(head_dim/6)` each, axis 0 the rest — 96 → [32,32,3
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re

@@ -22,7 +22,7 @@ from .files import fingerprint_or_none, loaded_fingerprint
 from .validate import parse_device
 from .fp8 import enable_fp8_matmul, fp8_matmul_supported
 from .img2img import init_latent
-from .memory import EmbeddingCache, Ledger, StagedModel, default_device, empty_device_cache, file_identity, is_out_of_memory
+from .memory import EmbeddingCache, Ledger, StagedModel, default_device, empty_device_cache, is_out_of_memory
 from .model_paths import ModelPaths
 from .precision import Precision, parse_precision
 from .recovery import STAGE_NAMES, low_vram_hint, out_of_memory_error, release_failure

@@ -1,7 +1,6 @@
 """NewBie Text Encode: positive + negative prompts → core CONDITIONING, through the prompt-embedding cache."""
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io, ui
 
 from ..newbie_core import stages

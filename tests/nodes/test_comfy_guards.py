@@ -25,40 +25,6 @@ def test_host_version_is_reported(comfyui):
     assert str(comfyui.dir) in comfyui_version.__file__
 
 
-# ---------------------------------------------------------------- pick_operations (signature changed in 0.4.0)
-def test_pick_operations_on_this_host(comfyui, guards):
-    import comfy.ops
-
-    same = guards.pick_operations(torch.float32, torch.float32)
-    cast = guards.pick_operations(torch.bfloat16, torch.float32)
-    assert same is comfy.ops.disable_weight_init
-    assert cast is comfy.ops.manual_cast
-    assert issubclass(cast.Linear, torch.nn.Linear)
-
-
-@pytest.mark.parametrize("newer", [False, True], ids=["scaled_fp8-signature", "model_config-signature"])
-def test_pick_operations_passes_only_accepted_keywords(comfyui, guards, monkeypatch, newer):
-    import comfy.ops
-
-    seen = {}
-    if newer:
-        def fake(weight_dtype, compute_dtype, load_device=None, disable_fast_fp8=False, fp8_optimizations=False,
-                 model_config=None):
-            seen.update(model_config=model_config, load_device=load_device)
-            return "ops"
-    else:
-        def fake(weight_dtype, compute_dtype, load_device=None, disable_fast_fp8=False, fp8_optimizations=False,
-                 scaled_fp8=None):
-            seen.update(load_device=load_device)
-            return "ops"
-    monkeypatch.setattr(comfy.ops, "pick_operations", fake)
-    cfg = object()
-    assert guards.pick_operations(torch.bfloat16, None, load_device="cpu", model_config=cfg) == "ops"
-    assert seen["load_device"] == "cpu"
-    assert ("model_config" in seen) == newer and (not newer or seen["model_config"] is cfg)
-
-
-# ------------------------------------------------- text_encoder_device (dynamic VRAM may return the GPU)
 def test_text_encoder_device_is_comfyuis_without_dynamic_vram(comfyui, guards):
     assert not guards.dynamic_vram()  # 0.3.64 and the 0.4.0 fork have no dynamic VRAM
     assert guards.text_encoder_load_device() == comfyui.mm.text_encoder_device()

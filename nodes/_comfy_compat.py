@@ -1,0 +1,39 @@
+"""ComfyUI calls whose behaviour or signature changed after 0.3.64 (the oldest supported version). Each helper
+works on both sides of the change; tests/nodes/test_comfy_guards.py has a test per guard (run on every host).
+Part of `_comfy`."""
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management as mm
+
+def dynamic_vram() -> bool:
+    """True when the running ComfyUI manages VRAM dynamically (comfy-aimdo, upstream 0.5+ unless started with
+    --disable-dynamic-vram). 0.3.64 and 0.4.0 have no such mode."""
+    import sys
+
+    mem = sys.modules.get("comfy.memory_management")
+    return bool(getattr(mem, "aimdo_enabled", False))
+
+
+def text_encoder_load_device() -> torch.device:
+    """ComfyUI's device for the text encoders.
+
+    Guard: under dynamic VRAM `text_encoder_device()` returns the GPU even in --lowvram/--novram mode, because
+    ComfyUI's own encoders stream their weights there. Ours are plain ModelPatchers that load whole (Gemma
+    ≈ 7.3 GiB in bf16), so in those modes we keep the rule of 0.3.64: encode on the offload device (the CPU)."""
+    device = mm.text_encoder_device()
+    if dynamic_vram() and mm.vram_state in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM):
+        return mm.text_encoder_offload_device()
+    return device
+
+
+def free_memory(device, patcher=None) -> int:
+    """Free bytes on `device` as ComfyUI counts them.
+
+    Guard: newer ComfyUI documents `model_management.get_free_memory` as inexact under dynamic VRAM (idle models
+    stay resident until something needs the room) and offers `ModelPatcher.get_free_memory`, which counts that
+    room as free. Older versions (0.3.64, 0.4.0) only have the module function."""
+    if patcher is not None and hasattr(patcher, "get_free_memory"):
+        return patcher.get_free_memory(device)
+    return mm.get_free_memory(device)
