@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from newbie_core.cli import _generate_parser, _resolve_paths
+from newbie_core.cli import _generate_parser
+from newbie_core.cli_checks import model_paths_for
 from newbie_core.errors import InputError, ModelFileError
 from newbie_core.files import weight_files
 from newbie_core.loading import load_role
@@ -169,6 +170,6 @@ def test_cli_jina_max_length_reaches_the_loader(tiny, tmp_path):
     _generate_parser(parser.add_subparsers(dest="cmd"))
     args = parser.parse_args(["generate", "--prompt", "x", "--out", str(tmp_path / "o.png"),
                                       "--model-dir", str(root), "--jina-max-length", "2048"])
-    paths, tiny_used = _resolve_paths(args)
-    assert not tiny_used and paths.jina_max_length == 2048
-    assert load_role("jina", paths).wrapper.max_length == 2048
+    with model_paths_for(args) as (paths, tiny_used):
+        assert not tiny_used and paths.jina_max_length == 2048
+        assert load_role("jina", paths).wrapper.max_length == 2048
