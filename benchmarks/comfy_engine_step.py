@@ -134,7 +134,8 @@ def main() -> int:
               "fp8_final_latent_vs_bf16": quality, "sampling": {"steps": args.steps, "solver": "euler", "cfg": 4.0}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "comfy-engine-step-" + re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower() + ("-quick" if args.quick else "")
+    stem = ("comfy-engine-step-" + re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
+            + f"-comfyui-{comfyui_version.__version__}" + ("-quick" if args.quick else ""))
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     lines = [f"DiT step, CLI host vs ComfyUI host (ComfyUI {comfyui_version.__version__}), {gpu}, CFG batch 2, "
              f"latent {hw[0]}×{hw[1]}, {cap} caption tokens", "",

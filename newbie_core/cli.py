@@ -23,9 +23,16 @@ from .errors import NewBieError
 log = logging.getLogger("newbie")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every default shown, except "None" (options whose help says what happens when they are absent)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="text → image through the staged pipeline",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     p.add_argument("--prompt", required=True, help="the caption (plain tags, natural language or XML)")
     p.add_argument("--negative", default="", help="negative prompt (empty = the official empty negative)")
     p.add_argument("--out", required=True, help="output PNG; with --batch N, files get _0.._N-1 suffixes; an existing "
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     _generate_parser(sub)
     t = sub.add_parser("make-tiny", help="write tiny random-weight models in the real file layouts",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     t.add_argument("dir")
     t.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     t.add_argument("--flux-vae", action="store_true",

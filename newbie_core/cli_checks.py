@@ -42,7 +42,7 @@ def max_size_px(max_patches: int = DEFAULT_MAX_PATCHES, patch: int = 2) -> int:
 
 def check_size_limits(width, height, max_patches: int = DEFAULT_MAX_PATCHES, patch: int = 2) -> None:
     """Width/height: whole multiples of 16, ≥ 16 and ≤ the RoPE limit; InputError naming the nearest valid size."""
-    from .sampling import validate_size
+    from .sizes import validate_size
 
     top = max_size_px(max_patches, patch)
     for name, v in (("width", width), ("height", height)):

@@ -19,7 +19,7 @@ def _run(tiny_models, tmp_path, *extra):
     out = tmp_path / "o.png"
     rc = main(["generate", "--prompt", "1girl", "--out", str(out), "--model-dir", str(tiny_models["root"] / "comfyui"),
                "--steps", "3", "--solver", "euler", "--device", "cpu", "--precision", "dit=fp32,text=fp32,vae=fp32",
-               "--json", *extra])
+               "--json", "--overwrite", *extra])
     return rc, out
 
 
@@ -40,6 +40,7 @@ def test_denoise_zero_gives_back_the_encoded_picture(tiny_models, tmp_path, caps
     assert rc == 0
     zero = np.asarray(Image.open(out)).astype(int)
     rc, out2 = _run(tiny_models, tmp_path, "--init-image", str(src), "--denoise", "0.9", "--seed", "3")
+    assert rc == 0
     full = np.asarray(Image.open(out2)).astype(int)
     # the tiny VAE does not reconstruct; denoise 0 is VAE encode → decode, which differs from any sampled result
     assert np.abs(zero - full).mean() > 1
