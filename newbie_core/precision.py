@@ -128,11 +128,13 @@ def check_finite(x: torch.Tensor, stage: str, precision: Precision | str | None 
     return x
 
 
-def cast_module(module: nn.Module, precision: Precision) -> nn.Module:
+def cast_module(module: nn.Module, precision: Precision, work_device: torch.device | str | None = None) -> nn.Module:
     """Cast `module` in place to `precision` through `convert_tensor` (fp8: Linear weights quantised with scales).
 
     For hosts that manage devices themselves (ComfyUI's ModelPatcher) and need no pristine copy; the CLI
-    host keeps pristine weights in `memory.StagedModel`, which applies the same rule per stage.
+    host keeps pristine weights in `memory.StagedModel`, which applies the same rule per stage. `work_device`:
+    convert each tensor there and bring the result back (the CLI quantises on its compute device; doing the
+    same keeps both hosts' fp8 weights identical, and a GPU quantises fast).
     """
     with torch.no_grad():
         for mod in module.modules():
@@ -140,6 +142,7 @@ def cast_module(module: nn.Module, precision: Precision) -> nn.Module:
                 mod.weight.data, mod.weight_scale = mod.dequantized_weight(precision.compute), None
             for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
                 if t is not None:
-                    for attr, new in convert_tensor(mod, name, t.data, precision).items():
-                        set_tensor(mod, attr, new)
+                    src = t.data if work_device is None else t.data.to(work_device)
+                    for attr, new in convert_tensor(mod, name, src, precision).items():
+                        set_tensor(mod, attr, new if work_device is None else new.to(t.device))
     return module

@@ -231,7 +231,7 @@ def load_dit_patcher(path: Path, precision: Precision, attention: str, device: s
     checkpoints.check_keys(dm, sd, source=name)
     dm.load_state_dict(sd, strict=True, assign=True)
     del sd
-    cast_module(dm, precision)
+    cast_module(dm, precision, work_device=load_device)  # quantised where the CLI quantises: the same fp8 weights
     if precision.is_fp8 and fp8_matmul_supported(load_device):
         enable_fp8_matmul(dm)
     model.to(offload_device)

@@ -105,7 +105,7 @@ class NewBieTextEncoderLoader(io.ComfyNode):
         # Gemma's embedding table stays on the CPU in its file dtype (as in the CLI host), the rest is cast
         gemma_patcher = _comfy.module_patcher(gemma.model, "text", f"Gemma3 ({gpath.name})", device,
                                               cpu_only=CPU_ONLY["gemma"])
-        cast_module(gemma.model, gprec)
+        cast_module(gemma.model, gprec, work_device=gemma_patcher.load_device)  # as the CLI quantises
         cast_module(jina.model, jprec)
         enc = TextEncoders(
             gemma=gemma, jina=jina, precision=precision, files=(str(gpath), str(jpath)), fingerprints=fingerprints,
