@@ -271,8 +271,8 @@ class FluxVAE:
 
     @property
     def device(self) -> torch.device:
-        """Where the weights currently are."""
-        return self._param().device
+        """Where decoding runs: `run_device` when a host set one (partial loading), else where the weights are."""
+        return getattr(self, "run_device", None) or self._param().device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -291,8 +291,7 @@ class FluxVAE:
         channels = self.model.config.latent_channels
         if latents.ndim != 4 or latents.shape[1] != channels:
             raise InputError(f"VAE decode needs latents of shape [B,{channels},h,w]; got {tuple(latents.shape)}.")
-        p = self._param()
-        return unscale_latents(latents.to(device=p.device, dtype=torch.float32)).to(p.dtype)
+        return unscale_latents(latents.to(device=self.device, dtype=torch.float32)).to(self.dtype)
 
     def _decode_tiled(self, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         tile = tile or self.tile_size

@@ -34,6 +34,7 @@ from ..newbie_core.loading import keep_on_host
 from ..newbie_core.memory import empty_device_cache, file_identity, is_out_of_memory
 from ..newbie_core.pipeline import compile_dit
 from ..newbie_core.precision import Precision, cast_module, parse_precision
+from . import _comfy_lowvram as lowvram
 from ..newbie_core.recovery import (STAGE_NAMES, cleans_up_on_failure, low_vram_hint, out_of_memory_error,
                                     release_failure)
 
@@ -239,11 +240,13 @@ def load_dit_patcher(path: Path, precision: Precision, attention: str, device: s
     dm.load_state_dict(sd, strict=True, assign=True)
     del sd
     cast_module(dm, precision)
+    lowvram.make_castable(dm, NewBieOps.Linear)  # the norms too: ComfyUI casts them on its offload stream
     if precision.is_fp8 and fp8_matmul_supported(load_device):
         enable_fp8_matmul(dm)
     model.to(offload_device)
     model.device = offload_device
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device,
+                                               size=lowvram.true_size(model))
     register(patcher, f"DiT ({Path(path).name})")
     return patcher
 
@@ -268,8 +271,16 @@ def module_patcher(module: torch.nn.Module, kind: str, label: str, device: str =
     module.to(offload)
     holder = ModuleHolder(module)
     patcher = comfy.model_patcher.ModelPatcher(holder, load_device=device_for(device, load), offload_device=offload)
+    lowvram.follow_buffers(patcher)  # rotary tables follow a partial load
     register(patcher, label)
     return patcher
+
+
+def make_partially_loadable(patcher) -> None:
+    """Make every layer of a text encoder's or the VAE's patcher castable by ComfyUI (after any precision cast,
+    which may replace layers), so ComfyUI can leave part of it on the CPU; refreshes the size estimate."""
+    lowvram.make_castable(patcher.model, NewBieOps.Linear)
+    patcher.size = lowvram.true_size(patcher.model)
 
 
 def vae_device() -> torch.device:
@@ -286,8 +297,7 @@ def recast(patcher, module: torch.nn.Module, precision: Precision) -> None:
         return
     unload(patcher)
     cast_module(module, precision)
-    patcher.size = 0
-    patcher.model_size()
+    patcher.size = lowvram.true_size(patcher.model)
 
 
 def register(patcher, label: str) -> None:
@@ -408,12 +418,22 @@ class ComfyHost:
 
     @contextmanager
     def placed(self, role: str, clear_cache: bool = True, memory_required: int = 0):
-        """Load the role's patcher through ComfyUI (text encoders and VAE whole, the DiT as ComfyUI decides);
-        afterwards unload the text encoders unless keep_loaded."""
+        """Load the role's patcher through ComfyUI, which may load any model partially (every layer is castable);
+        the DiT's blocks are streamed by the engine instead where `lowvram.should_stream` says so (no async
+        offload in this ComfyUI and the DiT does not fit, or the loader's stream option). Afterwards the text
+        encoders are unloaded unless keep_loaded."""
         patcher, wrapper = self._role(role)
         if role == "vae":
             recast(patcher, wrapper.model, self.vae_precision)
-        load_to_device([patcher], memory_required=memory_required, full=role != "dit")
+        if role == "dit" and lowvram.should_stream(patcher, memory_required):
+            with lowvram.streamed_dit(patcher, memory_required, patcher.model_options.get("newbie_stream_budget")) as dm:
+                yield dm
+            return
+        if role != "dit":
+            make_partially_loadable(patcher)
+        load_to_device([patcher], memory_required=memory_required, full=False)
+        if role != "dit":
+            wrapper.run_device = patcher.load_device  # the layers may be partly on the CPU (partial load)
         try:
             yield wrapper
         finally:
@@ -454,6 +474,8 @@ class ComfyHost:
 def purge_all() -> None:
     """Unload every model through ComfyUI, collect garbage, then empty the device caches (that order)."""
     mm.unload_all_models()
+    for p in list(_PACK_PATCHERS.values()):
+        lowvram.unpin(p)  # page-locked DiT block copies go back to ordinary memory
     gc.collect()
     empty_device_cache()
     mm.soft_empty_cache(True)
