@@ -84,8 +84,7 @@ def start_comfyui(args) -> tuple:
     import folder_paths
 
     if args.card_gib and mm.get_torch_device().type == "cuda":
-        total = torch.cuda.get_device_properties(mm.get_torch_device()).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.card_gib * GiB / total))
+        simulate_card(mm, args.card_gib)
     import execution
     import nodes
 
@@ -96,6 +95,26 @@ def start_comfyui(args) -> tuple:
     if not asyncio.run(nodes.load_custom_node(str(ROOT))):
         sys.exit("the pack failed to load into ComfyUI (see the log above)")
     return mm, execution, nodes
+
+
+def simulate_card(mm, gib: float) -> None:
+    """A `gib` card: the allocator is capped (set_per_process_memory_fraction) and ComfyUI's memory manager is
+    told the same (free = cap − active, total = cap), so it plans loads as it would on that card."""
+    dev = mm.get_torch_device()
+    cap = int(gib * GiB)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.get_device_properties(dev).total_memory))
+    real_free, real_total = mm.get_free_memory, mm.get_total_memory
+
+    def free(dev=None, torch_free_too=False):
+        r = real_free(dev, torch_free_too)
+        sim = max(0, cap - torch.cuda.memory_stats(dev or mm.get_torch_device()).get("active_bytes.all.current", 0))
+        return (min(r[0], sim), r[1]) if torch_free_too else min(r, sim)
+
+    def total(dev=None, torch_total_too=False):
+        r = real_total(dev, torch_total_too)
+        return (min(r[0], cap), r[1]) if torch_total_too else min(r, cap)
+
+    mm.get_free_memory, mm.get_total_memory, mm.total_vram = free, total, cap / MiB
 
 
 def object_info(nodes) -> dict:
@@ -117,6 +136,8 @@ def api_prompt(name: str, info: dict, args, seed: int) -> dict:
 
     api = ui_to_api(json.loads((ROOT / "workflows" / f"{name}.json").read_text()), info)
     for node in api.values():
+        if node["class_type"] == "NewBieTextEncoderLoader" and args.text_device:
+            node["inputs"]["device"] = args.text_device  # stage placement per node (two GPUs)
         if "sampling" in info[node["class_type"]].get("category", "").lower():
             ins = node["inputs"]
             ins.update({k: v for k, v in (("width", args.size), ("height", args.size), ("steps", args.steps),
@@ -160,8 +181,8 @@ def run_prompt(executor, server, api, device, mm) -> dict:
     if not valid[0]:
         return {"ok": False, "error": str(valid[1]), "node_errors": str(valid[3])[:2000]}
     server.events, server.messages = [], []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(torch.cuda.device_count() if device.type == "cuda" else 0):
+        torch.cuda.reset_peak_memory_stats(i)
     t0 = time.perf_counter()
     executor.execute(api, f"bench-{time.time_ns()}", {"client_id": "bench"}, valid[2])
     _sync(device)
@@ -178,6 +199,9 @@ def run_prompt(executor, server, api, device, mm) -> dict:
     if device.type == "cuda":
         out.update(peak_alloc_gib=round(torch.cuda.max_memory_allocated(device) / GiB, 3),
                    peak_resv_gib=round(torch.cuda.max_memory_reserved(device) / GiB, 3))
+        if torch.cuda.device_count() > 1:
+            out["peak_alloc_gib_per_gpu"] = [round(torch.cuda.max_memory_allocated(i) / GiB, 3)
+                                             for i in range(torch.cuda.device_count())]
     return out
 
 
@@ -241,6 +265,7 @@ def run(args) -> dict:
     if args.queue:
         api = api_prompt("newbie_basic_t2i", info, args, seed=100)
         rss, vram = [], []
+        t_queue = time.perf_counter()
         for i in range(args.queue):
             for n in api.values():
                 if "seed" in n["inputs"]:
@@ -250,7 +275,9 @@ def run(args) -> dict:
             rss.append(_rss_mib())
             vram.append(_alloc(device) * 1024)
         result["queue"] = {"n": args.queue, "rss_growth_mib": round(rss[-1] - rss[0], 1),
-                           "vram_growth_mib": round(vram[-1] - vram[0], 1), "rss_mib": [round(x) for x in rss]}
+                           "vram_growth_mib": round(vram[-1] - vram[0], 1), "rss_mib": [round(x) for x in rss],
+                           "images_per_min": round(60 * args.queue / (time.perf_counter() - t_queue), 3),
+                           "text_device": args.text_device or "default"}
     return result
 
 
@@ -272,7 +299,8 @@ def markdown(results: list[dict]) -> str:
                          f"{'–' if sps is None else f'{sps:.4f}'} | {w.get('latent_rel_l2_vs_cli', '–')} | {slow} |")
         if "queue" in r:
             q = r["queue"]
-            lines.append(f"\n{q['n']} queued generations: VRAM growth {q['vram_growth_mib']} MiB, "
+            lines.append(f"\n{q['n']} queued generations (text encoders on {q['text_device']}): "
+                         f"{q['images_per_min']} images/min, VRAM growth {q['vram_growth_mib']} MiB, "
                          f"RSS growth {q['rss_growth_mib']} MiB")
         lines.append("")
     return "\n".join(lines)
@@ -291,6 +319,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--no-cli", action="store_true", help="skip the CLI latent comparison")
+    p.add_argument("--text-device", default="", help="text encoder loader device, e.g. cuda:1 (two-GPU placement)")
     p.add_argument("--all", action="store_true", help="every standard memory setting, one process each")
     p.add_argument("--json-only", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -319,7 +348,7 @@ def main(argv=None) -> int:
     dev = next((r["device"] for r in results if r["device"] != "?"), "unknown")
     ver = next((r["comfyui"] for r in results if r["comfyui"] != "?"), "unknown")
     stem = "comfy-workflows-" + re.sub(r"[^A-Za-z0-9.]+", "-", f"{dev}-comfyui-{ver}").strip("-").lower() \
-        + ("-quick" if args.quick else "")
+        + (f"-text-{args.text_device.replace(':', '')}" if args.text_device else "") + ("-quick" if args.quick else "")
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     (out / f"{stem}.md").write_text(f"# NewBie workflows inside ComfyUI\n\n{markdown(results)}")
     print(markdown(results))

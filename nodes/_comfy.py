@@ -247,6 +247,7 @@ def load_dit_patcher(path: Path, precision: Precision, attention: str, device: s
     model.device = offload_device
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device,
                                                size=lowvram.true_size(model))
+    lowvram.follow_buffers(patcher, every=True)
     register(patcher, f"DiT ({Path(path).name})")
     return patcher
 

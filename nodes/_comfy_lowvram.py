@@ -123,16 +123,18 @@ def all_castable(module: torch.nn.Module) -> bool:
         isinstance(m, comfy.ops.CastWeightBiasOp) for m in listed)
 
 
-def follow_buffers(patcher) -> None:
+def follow_buffers(patcher, every: bool = False) -> None:
     """After each ComfyUI load, move the buffers of parameter-less modules (rotary tables; not listed by a
-    partial load) to where the model was loaded; a full load already moved them."""
+    partial load) to where the model was loaded; a full load already moved them. `every`: all buffers (the
+    DiT's fp8 `weight_scale`s, a few MiB), so a layer ComfyUI left offloaded does not copy its scale from
+    pageable memory outside the offload stream at every call."""
     from comfy.patcher_extension import CallbacksMP
 
     def on_load(p, device_to, lowvram_model_memory, force_patch_weights, full_load):
         if device_to is None:
             return
         for m in p.model.modules():
-            if not any(True for _ in m.parameters(recurse=False)):
+            if every or not any(True for _ in m.parameters(recurse=False)):
                 for name, b in list(m._buffers.items()):
                     if b is not None and b.device != torch.device(device_to):
                         m._buffers[name] = b.to(device_to)
