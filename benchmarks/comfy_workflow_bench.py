@@ -262,6 +262,7 @@ def run(args) -> dict:
         print(name, json.dumps(r), flush=True)
         mm.unload_all_models()
         comfy.model_management.soft_empty_cache(True)
+    result["after_free"] = after_free(executor, mm, device, pack)
     if args.queue:
         api = api_prompt("newbie_basic_t2i", info, args, seed=100)
         rss, vram = [], []
@@ -281,6 +282,25 @@ def run(args) -> dict:
     return result
 
 
+def after_free(executor, mm, device, pack_sampler) -> dict:
+    """What `/free` (unload models + free the node cache) and NewBie Memory Purge leave: allocated/reserved VRAM
+    and RSS after each (the models' CPU copies stay while the loader outputs are cached)."""
+    out = {}
+    mm.unload_all_models()  # the /free path (main.py): unload, then reset the executor's caches
+    executor.reset()
+    import gc
+
+    gc.collect()
+    mm.soft_empty_cache(True)
+    out["free_alloc_gib"], out["free_rss_mib"] = round(_alloc(device), 3), round(_rss_mib())
+    if device.type == "cuda":
+        out["free_resv_gib"] = round(torch.cuda.memory_reserved(device) / GiB, 3)
+    purge = sys.modules[pack_sampler.__name__.rsplit(".", 1)[0] + ".memory_purge"].NewBieMemoryPurge
+    purge.execute()
+    out["purge_alloc_gib"], out["purge_rss_mib"] = round(_alloc(device), 3), round(_rss_mib())
+    return out
+
+
 def markdown(results: list[dict]) -> str:
     """One table per setting: workflow, ok, wall, peaks, s/step, latent diff; plus the queue line."""
     lines = []
@@ -297,6 +317,10 @@ def markdown(results: list[dict]) -> str:
             lines.append(f"| {name} | {'yes' if w['ok'] else 'NO: ' + w.get('error', '')[:80]} | {w.get('wall_s', '–')} | "
                          f"{w.get('peak_alloc_gib', '–')} | {w.get('peak_resv_gib', '–')} | "
                          f"{'–' if sps is None else f'{sps:.4f}'} | {w.get('latent_rel_l2_vs_cli', '–')} | {slow} |")
+        if "after_free" in r:
+            f = r["after_free"]
+            lines.append(f"\nAfter /free: {f['free_alloc_gib']} GiB allocated, {f.get('free_resv_gib', '–')} GiB reserved, "
+                         f"RSS {f['free_rss_mib']} MiB; after NewBie Memory Purge: {f['purge_alloc_gib']} GiB allocated.")
         if "queue" in r:
             q = r["queue"]
             lines.append(f"\n{q['n']} queued generations (text encoders on {q['text_device']}): "

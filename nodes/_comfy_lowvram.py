@@ -170,9 +170,15 @@ def _blocks(dm) -> list[torch.nn.Module]:
 
 def _pin_blocks(patcher, blocks) -> None:
     """Point the blocks' tensors at one pinned arena (kept with the model, so pinned once per load)."""
-    if getattr(patcher, "newbie_arena", None) is not None or not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         return
     tensors = [(m, n, k, t) for b in blocks for m, n, k, t in _tensors(b)]
+    arena = getattr(patcher, "newbie_arena", None)
+    if arena is not None:
+        start = arena.buffer.data_ptr()
+        if start <= tensors[0][3].data_ptr() < start + arena.buffer.numel() and arena.registered:
+            return  # still streaming from the pinned copy
+        unpin(patcher)  # ComfyUI loaded and unloaded the model since: its weights are new tensors
     arena = PinnedArena([t for *_, t in tensors])
     for (m, n, k, _), v in zip(tensors, arena.views):
         if k == "p":

@@ -26,5 +26,6 @@ def test_workflow_benchmark_quick_mode_runs_end_to_end(comfy_dir, tmp_path):
         assert w["ok"], (name, w)
         assert any(k.endswith(":NewBieDiTSampler") for k in w["node_s"]) and w["dit_s_per_step"] > 0
     assert flows["newbie_basic_t2i"]["latent_rel_l2_vs_cli"] == 0.0  # same engine, same files, same numbers
+    assert run["after_free"]["free_alloc_gib"] == 0.0 and "purge_rss_mib" in run["after_free"]
     assert run["queue"]["n"] == 2 and len(run["queue"]["rss_mib"]) == 2
     assert (tmp_path / next(tmp_path.glob("*-quick.json")).name.replace(".json", ".md")).is_file()
