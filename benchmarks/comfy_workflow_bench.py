@@ -130,6 +130,15 @@ def object_info(nodes) -> dict:
     return out
 
 
+def new_executor(execution, server):
+    """PromptExecutor with the default (classic) cache, as main.py builds it (0.3: cache_size; 0.4: cache_args)."""
+    import inspect
+
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_size=0)
+
+
 def api_prompt(name: str, info: dict, args, seed: int) -> dict:
     """A bundled workflow as an API prompt with the benchmark's size/steps/solver/cfg/seed on every sampler."""
     from workflow_convert import ui_to_api
@@ -239,7 +248,7 @@ def run(args) -> dict:
     pack = next(m for k, m in sys.modules.items() if k.endswith(".nodes.sampler") and hasattr(m, "NewBieDiTSampler"))
     clock = StepClock(pack)
     server = BenchServer(device)
-    executor = execution.PromptExecutor(server, cache_type=False)
+    executor = new_executor(execution, server)
     import comfy
 
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -30,7 +30,7 @@ log = logging.getLogger("newbie")
 _CAST_TAKES_OFFLOADABLE = "offloadable" in __import__("inspect").signature(comfy.ops.cast_bias_weight).parameters
 # Feature test, not a version test: ComfyUI ≥ 0.4 pins offloaded weights and casts them on an offload stream.
 COMFY_ASYNC_OFFLOAD = _CAST_TAKES_OFFLOADABLE and hasattr(mm, "pin_memory")
-_SUBCLASSES: dict[type, type] = {}
+_SUBCLASSES: dict[tuple, type] = {}
 
 
 class _Proxy:
@@ -76,10 +76,15 @@ class CastableMixin(comfy.ops.CastWeightBiasOp):
                 comfy.ops.uncast_bias_weight(self, casted.get("weight"), casted.get("bias"), stream)
 
 
-def _castable_class(cls: type) -> type:
-    if cls not in _SUBCLASSES:
-        _SUBCLASSES[cls] = type(f"Castable{cls.__name__}", (CastableMixin, cls), {"__module__": __name__})
-    return _SUBCLASSES[cls]
+def _castable_class(m: torch.nn.Module) -> type:
+    """The castable subclass of `type(m)`. ComfyUI ≥ 0.4 reads `.weight` and `.bias` of every castable layer:
+    a class whose instances have none (RMSNorm: no bias) gets a `None` class attribute for it."""
+    cls = type(m)
+    missing = tuple(n for n in ("weight", "bias") if not hasattr(m, n))
+    if (cls, missing) not in _SUBCLASSES:
+        attrs = {"__module__": __name__, **{n: None for n in missing}}
+        _SUBCLASSES[(cls, missing)] = type(f"Castable{cls.__name__}", (CastableMixin, cls), attrs)
+    return _SUBCLASSES[(cls, missing)]
 
 
 def make_castable(module: torch.nn.Module, linear_class: type | None = None) -> int:
@@ -93,7 +98,7 @@ def make_castable(module: torch.nn.Module, linear_class: type | None = None) -> 
         if type(m) is Fp8Linear and linear_class is not None:
             m.__class__ = linear_class
         else:
-            m.__class__ = _castable_class(type(m))
+            m.__class__ = _castable_class(m)
         n += 1
     return n
 
