@@ -29,3 +29,15 @@ def test_workflow_benchmark_quick_mode_runs_end_to_end(comfy_dir, tmp_path):
     assert run["after_free"]["free_alloc_gib"] == 0.0 and "purge_rss_mib" in run["after_free"]
     assert run["queue"]["n"] == 2 and len(run["queue"]["rss_mib"]) == 2
     assert (tmp_path / next(tmp_path.glob("*-quick.json")).name.replace(".json", ".md")).is_file()
+
+
+def test_dit_placement_benchmark_quick_mode_matches_the_full_load(comfy_dir, tmp_path):
+    """ComfyUI's partial load and the engine's block streaming give the full-load DiT output at every budget."""
+    env = dict(os.environ, COMFYUI_DIR=str(comfy_dir))
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "comfy_dit_placement.py"), "--quick",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result,) = [json.loads(p.read_text()) for p in tmp_path.glob("comfy-dit-placement-*-quick.json")]
+    ways = [r["way"] for r in result["rows"]]
+    assert ways.count("engine-stream") == ways.count("comfyui-partial") == 3
+    assert all(r["rel_l2_diff"] == 0.0 for r in result["rows"] if r["way"] != "comfyui-full")
