@@ -381,6 +381,8 @@ def main(argv=None) -> int:
     dev = next((r["device"] for r in results if r["device"] != "?"), "unknown")
     ver = next((r["comfyui"] for r in results if r["comfyui"] != "?"), "unknown")
     stem = "comfy-workflows-" + re.sub(r"[^A-Za-z0-9.]+", "-", f"{dev}-comfyui-{ver}").strip("-").lower() \
+        + ("" if args.all else "".join(f"-{t}" for t in (re.sub(r"[^a-z0-9]+", "", args.comfy_args),
+                                                          f"card{args.card_gib:g}gb" if args.card_gib else "") if t)) \
         + (f"-text-{args.text_device.replace(':', '')}" if args.text_device else "") + ("-quick" if args.quick else "")
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     (out / f"{stem}.md").write_text(f"# NewBie workflows inside ComfyUI\n\n{markdown(results)}")
