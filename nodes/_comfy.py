@@ -420,8 +420,8 @@ class ComfyHost:
     @contextmanager
     def placed(self, role: str, clear_cache: bool = True, memory_required: int = 0):
         """Load the role's patcher through ComfyUI, which may load any model partially (every layer is castable);
-        the DiT's blocks are streamed by the engine instead where `lowvram.should_stream` says so (no async
-        offload in this ComfyUI and the DiT does not fit, or the loader's stream option). Afterwards the text
+        the blocks of the DiT, Gemma and Jina are streamed by the engine instead where `lowvram.should_stream`
+        says so (no async offload in this ComfyUI and the model does not fit, or `newbie_stream` = on). Afterwards the text
         encoders are unloaded unless keep_loaded."""
         patcher, wrapper = self._role(role)
         if role == "vae":
@@ -429,6 +429,12 @@ class ComfyHost:
         if role == "dit" and lowvram.should_stream(patcher, memory_required):
             with lowvram.streamed_dit(patcher, memory_required, patcher.model_options.get("newbie_stream_budget")) as dm:
                 yield dm
+            return
+        if role in ("gemma", "jina") and lowvram.should_stream(patcher, memory_required):
+            with lowvram.streamed(patcher, patcher.model, role, memory_required,
+                                  patcher.model_options.get("newbie_stream_budget")):
+                wrapper.run_device = patcher.load_device
+                yield wrapper
             return
         if role != "dit":
             make_partially_loadable(patcher)

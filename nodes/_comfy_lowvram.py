@@ -1,6 +1,6 @@
 """ComfyUI-internal glue for low VRAM (a part of `_comfy`, split out for size): every pack model partially
-loadable by ComfyUI's ModelPatcher, and the engine's pinned-memory block streaming for the DiT where the
-running ComfyUI has no asynchronous offload of its own.
+loadable by ComfyUI's ModelPatcher, and the engine's pinned-memory block streaming for the DiT and the text
+encoders where the running ComfyUI has no asynchronous offload of its own.
 
 * `make_castable(module)`: every module holding parameters becomes a ComfyUI "castable" op (`comfy_cast_weights`,
   `weight_function`/`bias_function`) by class swap, keeping the very same Parameters: the engine's `Fp8Linear`
@@ -149,13 +149,13 @@ def follow_buffers(patcher, every: bool = False) -> None:
 
 # ----------------------------------------------------------------------------------- DiT block streaming
 def stream_mode(patcher) -> str:
-    """The DiT loader's `stream_blocks` choice: auto (stream when this ComfyUI has no async offload and the DiT
-    does not fit), on, off."""
+    """`model_options["newbie_stream"]`: auto (default: stream when this ComfyUI has no async offload and the
+    model does not fit), on, off."""
     return patcher.model_options.get("newbie_stream", "auto")
 
 
 def should_stream(patcher, memory_required: int) -> bool:
-    """Whether this placement of the DiT streams its blocks with the engine's LayerStreamer."""
+    """Whether this placement of a model (DiT, Gemma, Jina) streams its blocks with the engine's LayerStreamer."""
     mode = stream_mode(patcher)
     if mode == "off" or patcher.patches or patcher.model_options.get("newbie_compile"):
         return False  # ComfyUI applies patches (LoRA) itself; compiled graphs keep the resident path
@@ -169,8 +169,15 @@ def should_stream(patcher, memory_required: int) -> bool:
     return not (fits and mm.vram_state not in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM))
 
 
-def _blocks(dm) -> list[torch.nn.Module]:
-    return [b for name in STREAMED_BLOCKS["dit"] for b in getattr(dm, name)]
+def _blocks(root, role: str) -> list[torch.nn.Module]:
+    """The role's streamed blocks in execution order (`loading.STREAMED_BLOCKS`: DiT refiners + layers, the text
+    encoders' decoder/encoder layers, found wherever transformers nests them)."""
+    out = []
+    for name in STREAMED_BLOCKS[role]:
+        lists = [m for n, m in root.named_modules() if n == name or n.endswith("." + name)]
+        if lists:
+            out.extend(lists[0])
+    return out
 
 
 def _pin_blocks(patcher, blocks) -> None:
@@ -207,18 +214,23 @@ def unpin(patcher) -> None:
         patcher.newbie_arena = None
 
 
-@contextmanager
 def streamed_dit(patcher, memory_required: int, budget: int | None = None):
-    """Run the DiT with its blocks streamed: ComfyUI first unloads this model and frees `memory_required` plus
-    two blocks (evicting other models as it would), the rest of the DiT (embedders, final layer) is placed on the
-    device, and as many leading blocks as the free memory allows (or `budget` bytes) stay resident. Everything
-    on the device is released when the stage ends, so ComfyUI's accounting never misses memory we hold."""
-    dm = patcher.model.diffusion_model
+    """`streamed` for the DiT of a MODEL patcher."""
+    return streamed(patcher, patcher.model.diffusion_model, "dit", memory_required, budget)
+
+
+@contextmanager
+def streamed(patcher, dm: torch.nn.Module, role: str, memory_required: int = 0, budget: int | None = None):
+    """Run `dm` (the patcher's model: DiT, Gemma or Jina) with its blocks streamed: ComfyUI first unloads this
+    model and frees `memory_required` plus two blocks (evicting other models as it would), the rest of the model
+    (embedders, final layers) is placed on the device, and as many leading blocks as the free memory allows (or
+    `budget` bytes) stay resident. Everything on the device is released when the stage ends, so ComfyUI's
+    accounting never misses memory we hold."""
     dev = patcher.load_device
     from ._comfy import unload
 
     unload(patcher, clear_cache=False)
-    blocks = _blocks(dm)
+    blocks = _blocks(dm, role)
     sizes = [block_nbytes(b) for b in blocks]
     mm.free_memory(memory_required + 2 * max(sizes) + mm.minimum_inference_memory(), dev)
     if budget is None and dev.type == "cuda":
@@ -238,7 +250,7 @@ def streamed_dit(patcher, memory_required: int, budget: int | None = None):
                         table[name] = host.to(dev)
     resident = resident_for_budget(sizes, budget)
     streamer = LayerStreamer(blocks, dev, resident=resident)
-    log.info("NewBie DiT: %d of %d blocks resident, the rest streamed (%.2f GiB on %s)", resident, len(blocks),
+    log.info("NewBie %s: %d of %d blocks resident, the rest streamed (%.2f GiB on %s)", role, resident, len(blocks),
              streamer.device_bytes / 2**30, dev)
     try:
         yield dm

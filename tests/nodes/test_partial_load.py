@@ -44,7 +44,8 @@ def run_graph(pack, loaders, enc=None, model=None, vae=None, precision="fp32"):
                                                          solver="euler", **SETTINGS).args[0]
     image = pack.nodes.vae_decode.NewBieVAEDecode.execute(vae=vae or loaders.vae(precision="fp32"), samples=latent,
                                                           precision="auto", tiled=False).args[0]
-    return pos[0][0], latent["samples"], image
+    text = torch.cat([pos[0][0].flatten(), pos[0][1]["pooled_output"].flatten()])  # Gemma features + Jina vector
+    return text, latent["samples"], image
 
 
 def test_every_pack_model_is_castable_and_sized_truly(pack, loaders):
@@ -150,3 +151,27 @@ def test_a_model_evicted_by_another_load_still_runs_and_purge_releases_everythin
         assert all(not getattr(m, "comfy_cast_weights", False) for m in p.model.modules())  # no lowvram state left
         assert {t.device for t in p.model.parameters()} == {p.offload_device}
     assert pinned.closed  # the page-locked DiT copy was unregistered
+
+
+def test_block_streaming_of_the_text_encoders_gives_the_same_features(pack, loaders):
+    enc = loaders.text_encoders(precision="fp32")
+    ref, _, _ = run_graph(pack, loaders, enc=enc)
+    counts = []
+    orig = pack.nodes._comfy_lowvram.LayerStreamer
+
+    class Spy(orig):
+        def __init__(self, layers, *a, **k):
+            super().__init__(layers, *a, **k)
+            counts.append(len(self.layers))
+
+    for p in (enc.gemma_patcher, enc.jina_patcher):
+        p.model_options.update(newbie_stream="on", newbie_stream_budget=0)
+    pack.nodes._comfy_lowvram.LayerStreamer = Spy
+    try:
+        out, _, _ = run_graph(pack, loaders, enc=enc)
+    finally:
+        pack.nodes._comfy_lowvram.LayerStreamer = orig
+        for p in (enc.gemma_patcher, enc.jina_patcher):
+            p.model_options.pop("newbie_stream"), p.model_options.pop("newbie_stream_budget")
+    assert len(counts) >= 2 and all(n > 0 for n in counts)  # Gemma and Jina each streamed their layers
+    assert torch.equal(out, ref)
