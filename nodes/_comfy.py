@@ -421,19 +421,17 @@ class ComfyHost:
     def placed(self, role: str, clear_cache: bool = True, memory_required: int = 0):
         """Load the role's patcher through ComfyUI, which may load any model partially (every layer is castable);
         the blocks of the DiT, Gemma and Jina are streamed by the engine instead where `lowvram.should_stream`
-        says so (no async offload in this ComfyUI and the model does not fit, or `newbie_stream` = on). Afterwards the text
-        encoders are unloaded unless keep_loaded."""
+        says so (no async offload in this ComfyUI and the model does not fit, or `newbie_stream` = on).
+        Afterwards the text encoders are unloaded unless keep_loaded."""
         patcher, wrapper = self._role(role)
         if role == "vae":
             recast(patcher, wrapper.model, self.vae_precision)
-        if role == "dit" and lowvram.should_stream(patcher, memory_required):
-            with lowvram.streamed_dit(patcher, memory_required, patcher.model_options.get("newbie_stream_budget")) as dm:
-                yield dm
-            return
-        if role in ("gemma", "jina") and lowvram.should_stream(patcher, memory_required):
-            with lowvram.streamed(patcher, patcher.model, role, memory_required,
-                                  patcher.model_options.get("newbie_stream_budget")):
-                wrapper.run_device = patcher.load_device
+        elif lowvram.should_stream(patcher, memory_required):
+            root = wrapper if role == "dit" else patcher.model
+            budget = patcher.model_options.get("newbie_stream_budget")  # bytes of resident blocks (tests)
+            with lowvram.streamed(patcher, root, role, memory_required, budget):
+                if role != "dit":
+                    wrapper.run_device = patcher.load_device
                 yield wrapper
             return
         if role != "dit":
