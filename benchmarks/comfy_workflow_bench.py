@@ -276,10 +276,13 @@ def run(args) -> dict:
         api = api_prompt("newbie_basic_t2i", info, args, seed=100)
         rss, vram = [], []
         t_queue = time.perf_counter()
-        for i in range(args.queue):
-            for n in api.values():
+        base_prompt = {k: n["inputs"].get("positive") for k, n in api.items()}
+        for i in range(args.queue):  # each a new prompt and seed: the text stage runs every time (no cache hit)
+            for k, n in api.items():
                 if "seed" in n["inputs"]:
                     n["inputs"]["seed"] = 100 + i
+                if n["class_type"] == "NewBieTextEncode" and isinstance(base_prompt[k], str):
+                    n["inputs"]["positive"] = f"{base_prompt[k]}, variation {i}"
             r = run_prompt(executor, server, api, device, mm)
             assert r["ok"], r
             rss.append(_rss_mib())
