@@ -319,8 +319,7 @@ class FluxVAE:
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B,3,H,W] in [0,1] → scaled latents (float32, the posterior mean), on the VAE's device."""
-        p = self._param()
-        x = (images.to(device=p.device, dtype=torch.float32) * 2.0 - 1.0).to(p.dtype)
+        x = (images.to(device=self.device, dtype=torch.float32) * 2.0 - 1.0).to(self.dtype)
         mean = self.model.encode(x).latent_dist.mean
         return scale_latents(mean.float())
 
