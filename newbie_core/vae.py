@@ -289,8 +289,8 @@ class FluxVAE:
 
     @property
     def device(self) -> torch.device:
-        """Where the weights currently are."""
-        return self._param().device
+        """Where decoding runs: `run_device` when a host set one (partial loading), else where the weights are."""
+        return getattr(self, "run_device", None) or self._param().device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -309,8 +309,7 @@ class FluxVAE:
         channels = self.model.config.latent_channels
         if latents.ndim != 4 or latents.shape[1] != channels:
             raise InputError(f"VAE decode needs latents of shape [B,{channels},h,w]; got {tuple(latents.shape)}.")
-        p = self._param()
-        return unscale_latents(latents.to(device=p.device, dtype=torch.float32)).to(p.dtype)
+        return unscale_latents(latents.to(device=self.device, dtype=torch.float32)).to(self.dtype)
 
     def _decode_tiled(self, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         tile = tile or self.tile_size
@@ -344,20 +343,20 @@ class FluxVAE:
             raise InputError(f"VAE encode needs images [B,3,H,W] with H and W multiples of {self.upscale}; "
                              f"got {tuple(images.shape)}.")
         p = self._param()
-        x = (images.to(device=p.device, dtype=torch.float32) * 2.0 - 1.0).to(p.dtype)
+        x = (images.to(device=self.device, dtype=torch.float32) * 2.0 - 1.0).to(self.dtype)
         if not tiled:
             return scale_latents(self._encode_mean(x).float())
         tile, f = tile or self.tile_size, self.upscale
         overlap, h, w = self.tile_overlap * tile // self.tile_size, x.shape[-2] // f, x.shape[-1] // f
-        out = torch.zeros(x.shape[0], self.model.config.latent_channels, h, w, dtype=torch.float32, device=p.device)
-        weight = torch.zeros(1, 1, h, w, dtype=torch.float32, device=p.device)
+        out = torch.zeros(x.shape[0], self.model.config.latent_channels, h, w, dtype=torch.float32, device=self.device)
+        weight = torch.zeros(1, 1, h, w, dtype=torch.float32, device=self.device)
         ys, xs = _positions(h, tile, overlap), _positions(w, tile, overlap)
         for yi, y in enumerate(ys):
             for xi, x0 in enumerate(xs):
                 z = self._encode_mean(x[:, :, y * f: (y + tile) * f, x0 * f: (x0 + tile) * f]).float()
                 th, tw = z.shape[-2:]
-                wt = _ramp_weights(th, *_shared(ys, yi, tile, h), p.device)[:, None] * \
-                    _ramp_weights(tw, *_shared(xs, xi, tile, w), p.device)[None, :]
+                wt = _ramp_weights(th, *_shared(ys, yi, tile, h), self.device)[:, None] * \
+                    _ramp_weights(tw, *_shared(xs, xi, tile, w), self.device)[None, :]
                 out[:, :, y: y + th, x0: x0 + tw] += z * wt
                 weight[:, :, y: y + th, x0: x0 + tw] += wt
         return scale_latents(out / weight)

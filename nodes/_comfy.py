@@ -33,6 +33,7 @@ from ..newbie_core.precision import Precision, parse_precision
 from ..newbie_core.recovery import STAGE_NAMES, low_vram_hint, out_of_memory_error, release_failure
 from ..newbie_core.model_names import resolve_model_name
 from ..newbie_core.validate import parse_device
+from . import _comfy_lowvram as lowvram
 from ._comfy_compat import dynamic_vram, free_memory, text_encoder_load_device  # noqa: F401  (re-exported guards)
 
 log = logging.getLogger("newbie")
@@ -103,8 +104,16 @@ def module_patcher(module: torch.nn.Module, kind: str, label: str, device: str =
     module.to(offload)
     holder = ModuleHolder(module)
     patcher = comfy.model_patcher.ModelPatcher(holder, load_device=device_for(device, load), offload_device=offload)
+    lowvram.follow_buffers(patcher)  # rotary tables follow a partial load
     register(patcher, label)
     return patcher
+
+
+def make_partially_loadable(patcher) -> None:
+    """Make every layer of a text encoder's or the VAE's patcher castable by ComfyUI (after any precision cast,
+    which may replace layers), so ComfyUI can leave part of it on the CPU; refreshes the size estimate."""
+    lowvram.make_castable(patcher.model, NewBieOps.Linear)
+    patcher.size = lowvram.true_size(patcher.model)
 
 
 def vae_device() -> torch.device:
@@ -121,8 +130,7 @@ def recast(patcher, module: torch.nn.Module, precision: Precision) -> None:
         return
     unload(patcher)
     cast_module(module, precision)
-    patcher.size = 0
-    patcher.model_size()
+    patcher.size = lowvram.true_size(patcher.model)
 
 
 def register(patcher, label: str) -> None:
@@ -243,12 +251,26 @@ class ComfyHost:
 
     @contextmanager
     def placed(self, role: str, clear_cache: bool = True, memory_required: int = 0):
-        """Load the role's patcher through ComfyUI (text encoders and VAE whole, the DiT as ComfyUI decides);
-        afterwards unload the text encoders unless keep_loaded."""
+        """Load the role's patcher through ComfyUI, which may load any model partially (every layer is castable);
+        the blocks of the DiT, Gemma and Jina are streamed by the engine instead where `lowvram.should_stream`
+        says so (no async offload in this ComfyUI and the model does not fit, or `newbie_stream` = on).
+        Afterwards the text encoders are unloaded unless keep_loaded."""
         patcher, wrapper = self._role(role)
         if role == "vae":
             recast(patcher, wrapper.model, self.vae_precision)
-        load_to_device([patcher], memory_required=memory_required, full=role != "dit")
+        elif lowvram.should_stream(patcher, memory_required):
+            root = wrapper if role == "dit" else patcher.model
+            budget = patcher.model_options.get("newbie_stream_budget")  # bytes of resident blocks (tests)
+            with lowvram.streamed(patcher, root, role, memory_required, budget):
+                if role != "dit":
+                    wrapper.run_device = patcher.load_device
+                yield wrapper
+            return
+        if role != "dit":
+            make_partially_loadable(patcher)
+        load_to_device([patcher], memory_required=memory_required, full=False)
+        if role != "dit":
+            wrapper.run_device = patcher.load_device  # the layers may be partly on the CPU (partial load)
         try:
             yield wrapper
         finally:
@@ -291,6 +313,8 @@ class ComfyHost:
 def purge_all() -> None:
     """Unload every model through ComfyUI, collect garbage, then empty the device caches (that order)."""
     mm.unload_all_models()
+    for p in list(_PACK_PATCHERS.values()):
+        lowvram.unpin(p)  # page-locked DiT block copies go back to ordinary memory
     gc.collect()
     empty_device_cache()
     mm.soft_empty_cache(True)

@@ -3,9 +3,19 @@ works on both sides of the change; tests/nodes/test_comfy_guards.py has a test p
 Part of `_comfy`."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+
+# ComfyUI ≥ 0.4: the per-call weight cast takes `offloadable=` (its async offload stream) and pairs with
+# `uncast_bias_weight`; 0.3.x casts synchronously.
+CAST_TAKES_OFFLOADABLE = "offloadable" in inspect.signature(comfy.ops.cast_bias_weight).parameters
+# ComfyUI 0.3.x's low-VRAM patches dequantise through convert_weight / set_weight; 0.4's patch what they are given.
+LOWVRAM_PATCH_CONVERTS = "convert_func(" in inspect.getsource(comfy.model_patcher.LowVramPatch.__call__)
 
 def dynamic_vram() -> bool:
     """True when the running ComfyUI manages VRAM dynamically (comfy-aimdo, upstream 0.5+ unless started with

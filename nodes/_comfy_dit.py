@@ -3,7 +3,6 @@ operations ComfyUI builds it with (`NewBieOps`: the engine's Fp8Linear made part
 the ModelPatcher subclass that keeps fp8 scales with their weights, and the loader. Part of `_comfy`."""
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import torch
@@ -25,7 +24,9 @@ from ..newbie_core.fp8 import (Fp8Linear, dequantize_weight, enable_fp8_matmul, 
 from ..newbie_core.precision import Precision, cast_module
 from ..newbie_core.recovery import cleans_up_on_failure
 from ..newbie_core.validate import check_attention
+from . import _comfy_lowvram as lowvram
 from ._comfy import device_for, register
+from ._comfy_compat import CAST_TAKES_OFFLOADABLE, LOWVRAM_PATCH_CONVERTS
 
 
 class ComfyNewBieDiT(NextDiT):
@@ -112,16 +113,13 @@ def resolve_attention(name: str):
     return partial(attention, backend=name)
 
 
-_CAST_TAKES_OFFLOADABLE = "offloadable" in inspect.signature(comfy.ops.cast_bias_weight).parameters  # ComfyUI ≥ 0.4
-# ComfyUI 0.3.x's low-VRAM patches dequantise through convert_weight / set_weight; 0.4's patch what they are given.
-_LOWVRAM_PATCH_CONVERTS = "convert_func(" in inspect.getsource(comfy.model_patcher.LowVramPatch.__call__)
 
 
 def _cast_for_call(layer, x):
     """ComfyUI's per-call weight cast for a partially loaded layer (its offload stream where ComfyUI has one).
     fp8 weights arrive still in fp8 (their scale is applied by `linear_forward`); others in the input's dtype."""
     dtype = layer.weight.dtype if layer.weight_scale is not None else None
-    if _CAST_TAKES_OFFLOADABLE:
+    if CAST_TAKES_OFFLOADABLE:
         return comfy.ops.cast_bias_weight(layer, x, dtype=dtype, bias_dtype=x.dtype, offloadable=True)
     weight, bias = comfy.ops.cast_bias_weight(layer, x, dtype=dtype, bias_dtype=x.dtype)
     return weight, bias, None
@@ -142,7 +140,7 @@ class NewBieOps(comfy.ops.disable_weight_init):
             return Fp8Linear.forward(self, x)
 
         def forward_comfy_cast_weights(self, x):  # noqa: D102
-            if self.weight_scale is not None and self.weight_function and not _LOWVRAM_PATCH_CONVERTS:
+            if self.weight_scale is not None and self.weight_function and not LOWVRAM_PATCH_CONVERTS:
                 return self._patched_fp8_forward(x)
             weight, bias, stream = _cast_for_call(self, x)
             scale = self.weight_scale if weight.dtype == self.weight.dtype else None  # a patch returns it dequantised
@@ -232,10 +230,13 @@ def load_dit_patcher(path: Path, precision: Precision, attention: str, device: s
     dm.load_state_dict(sd, strict=True, assign=True)
     del sd
     cast_module(dm, precision, work_device=load_device)  # quantised where the CLI quantises: the same fp8 weights
+    lowvram.make_castable(dm, NewBieOps.Linear)  # the norms too: ComfyUI casts them on its offload stream
     if precision.is_fp8 and fp8_matmul_supported(load_device):
         enable_fp8_matmul(dm)
     model.to(offload_device)
     model.device = offload_device
-    patcher = NewBiePatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher = NewBiePatcher(model, load_device=load_device, offload_device=offload_device,
+                            size=lowvram.true_size(model))
+    lowvram.follow_buffers(patcher, every=True)
     register(patcher, f"DiT ({Path(path).name})")
     return patcher

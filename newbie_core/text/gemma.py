@@ -180,7 +180,8 @@ class GemmaTextEncoder:
         runs there and only the `[B, L, D]` embeddings move, in the layers' dtype, scaled as Gemma does.
         """
         model = self.model
-        device, dtype = model.norm.weight.device, model.norm.weight.dtype
+        # `run_device`: set by a host that may leave the layers partially on the CPU (ComfyUI's partial loading)
+        device, dtype = getattr(self, "run_device", None) or model.norm.weight.device, model.norm.weight.dtype
         ids, mask = input_ids.to(device), attention_mask.to(device)
         table = model.embed_tokens
         if table.weight.device == device and table.weight.dtype == dtype:

@@ -245,7 +245,7 @@ class JinaTextEncoder:
     @torch.no_grad()
     def encode_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """`encode` for already tokenized input; runs on the device of the model's embeddings."""
-        device = self.model.get_input_embeddings().weight.device
+        device = getattr(self, "run_device", None) or self.model.get_input_embeddings().weight.device
         ids, mask = ids.to(device), mask.to(device)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         return masked_mean(hidden, mask).to(hidden.dtype)

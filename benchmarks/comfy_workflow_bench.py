@@ -1,0 +1,397 @@
+"""The bundled workflows run through ComfyUI's own executor (`execution.PromptExecutor`, in-process), timed and
+measured as users run them.
+
+    COMFYUI_DIR=/path/to/ComfyUI python benchmarks/comfy_workflow_bench.py --all --out benchmarks/results
+    COMFYUI_DIR=... python benchmarks/comfy_workflow_bench.py --quick --device cpu --out /tmp/x   # CPU plumbing
+
+One run = one ComfyUI memory setting (ComfyUI reads its flags at import): `--comfy-args "--lowvram"`,
+`--comfy-args "--reserve-vram 2"`, `--card-gib 8` (a smaller card: torch.cuda.set_per_process_memory_fraction).
+`--all` runs the standard settings each in its own process and writes one report. Per workflow: per-node wall
+time, whole-graph peak allocated/reserved VRAM, DiT s/step (median step interval), the final latent's relative
+difference to the CLI pipeline's for the same settings (basic workflow); then `--queue` generations of the basic
+workflow (a new seed each, as a queue of users' prompts) for VRAM/RSS growth. Model files are random full-size
+weights in ComfyUI's layout (benchmarks/comfy_model_files.py), written once under --models-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests" / "integration")]
+GiB, MiB = 2**30, 2**20
+WORKFLOWS = ["newbie_basic_t2i", "newbie_low_vram", "newbie_precision_swap", "newbie_xml_multi_character",
+             "newbie_interop_core_nodes"]
+SETTINGS = {"default": [], "lowvram": ["--comfy-args", "--lowvram"], "reserve-vram-2": ["--comfy-args", "--reserve-vram 2"],
+            "card-8gb": ["--card-gib", "8"], "card-6gb": ["--card-gib", "6"]}
+
+
+class BenchServer:
+    """What PromptExecutor needs of a PromptServer; records each node's start (the 'executing' messages)."""
+
+    def __init__(self, device: torch.device):
+        self.client_id, self.last_node_id, self.sockets_metadata = None, None, {}
+        self.device, self.events, self.messages = device, [], []
+
+    def send_sync(self, event, data, sid=None):  # noqa: D102
+        if event == "executing":
+            _sync(self.device)
+            self.events.append((time.perf_counter(), data.get("node"), _alloc(self.device)))
+        elif event in ("execution_error", "execution_success", "execution_interrupted"):
+            self.messages.append((event, data))
+
+    def queue_updated(self):  # noqa: D102
+        pass
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _alloc(device) -> float:
+    return torch.cuda.memory_allocated(device) / GiB if device.type == "cuda" else 0.0
+
+
+def _rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / MiB
+
+
+def start_comfyui(args) -> tuple:
+    """Import ComfyUI from $COMFYUI_DIR with this run's flags, register the model folder, load this pack."""
+    comfy_dir = os.environ.get("COMFYUI_DIR")
+    if not comfy_dir or not (Path(comfy_dir) / "comfy").is_dir():
+        sys.exit("Set COMFYUI_DIR to a ComfyUI source tree (copy it into the repo as an ignored folder to carry it).")
+    sys.path.insert(0, comfy_dir)
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    sys.argv = [sys.argv[0]] + shlex.split(args.comfy_args) + (["--cpu"] if args.device == "cpu" else [])
+    import comfy.model_management as mm
+    import folder_paths
+
+    if args.card_gib and mm.get_torch_device().type == "cuda":
+        simulate_card(mm, args.card_gib)
+    import execution
+    import nodes
+
+    out_dir = Path(tempfile.mkdtemp(prefix="newbie-comfy-out-"))
+    folder_paths.set_output_directory(str(out_dir))
+    for key in ("diffusion_models", "text_encoders", "vae"):
+        folder_paths.add_model_folder_path(key, str(Path(args.models_dir) / key), is_default=True)
+    if not asyncio.run(nodes.load_custom_node(str(ROOT))):
+        sys.exit("the pack failed to load into ComfyUI (see the log above)")
+    return mm, execution, nodes
+
+
+def simulate_card(mm, gib: float) -> None:
+    """A `gib` card: the allocator is capped (set_per_process_memory_fraction) and ComfyUI's memory manager is
+    told the same (free = cap − active, total = cap), so it plans loads as it would on that card."""
+    dev = mm.get_torch_device()
+    cap = int(gib * GiB)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.get_device_properties(dev).total_memory))
+    real_free, real_total = mm.get_free_memory, mm.get_total_memory
+
+    def free(dev=None, torch_free_too=False):
+        r = real_free(dev, torch_free_too)
+        sim = max(0, cap - torch.cuda.memory_stats(dev or mm.get_torch_device()).get("active_bytes.all.current", 0))
+        return (min(r[0], sim), r[1]) if torch_free_too else min(r, sim)
+
+    def total(dev=None, torch_total_too=False):
+        r = real_total(dev, torch_total_too)
+        return (min(r[0], cap), r[1]) if torch_total_too else min(r, cap)
+
+    mm.get_free_memory, mm.get_total_memory, mm.total_vram = free, total, cap / MiB
+
+
+def object_info(nodes) -> dict:
+    """/object_info as the server builds it, for the node types the converter needs."""
+    out = {}
+    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        if hasattr(cls, "GET_NODE_INFO_V1"):
+            out[name] = cls.GET_NODE_INFO_V1()
+        else:
+            inp = cls.INPUT_TYPES()
+            out[name] = {"input": inp, "input_order": {k: list(v) for k, v in inp.items()},
+                         "category": getattr(cls, "CATEGORY", "")}
+    return out
+
+
+def new_executor(execution, server):
+    """PromptExecutor with the default (classic) cache, as main.py builds it (0.3: cache_size; 0.4: cache_args)."""
+    import inspect
+
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_size=0)
+
+
+def api_prompt(name: str, info: dict, args, seed: int) -> dict:
+    """A bundled workflow as an API prompt with the benchmark's size/steps/solver/cfg/seed on every sampler."""
+    from workflow_convert import ui_to_api
+
+    api = ui_to_api(json.loads((ROOT / "workflows" / f"{name}.json").read_text()), info)
+    for node in api.values():
+        if node["class_type"] == "NewBieTextEncoderLoader" and args.text_device:
+            node["inputs"]["device"] = args.text_device  # stage placement per node (two GPUs)
+        if "sampling" in info[node["class_type"]].get("category", "").lower():
+            ins = node["inputs"]
+            ins.update({k: v for k, v in (("width", args.size), ("height", args.size), ("steps", args.steps),
+                                           ("cfg", 5.0), ("solver", "euler"), ("seed", seed)) if k in ins})
+    return api
+
+
+class StepClock:
+    """Times DiT steps and keeps the last sampled latent (wraps the sampler node's stage call)."""
+
+    def __init__(self, pack_sampler):
+        self.mod, self.stamps, self.latent = pack_sampler, [], None
+        stages = pack_sampler.stages
+        orig = stages.sample
+
+        def sample(host, cond, uncond, settings, on_step=None):
+            self.stamps = [time.perf_counter()]
+
+            def tick(info):
+                _sync(torch.device(host.device_of("dit")))
+                self.stamps.append(time.perf_counter())
+                if on_step:
+                    on_step(info)
+            self.latent = orig(host, cond, uncond, settings, tick)
+            return self.latent
+
+        import types
+
+        pack_sampler.stages = types.SimpleNamespace(**{**vars(stages), "sample": sample})  # only `sample` differs
+
+    def seconds_per_step(self) -> float | None:
+        d = sorted(b - a for a, b in zip(self.stamps[1:], self.stamps[2:]))  # first interval: warm-up, skipped
+        return d[len(d) // 2] if d else None
+
+
+def run_prompt(executor, server, api, device, mm) -> dict:
+    """Queue one prompt through PromptExecutor; per-node wall seconds, peaks, success."""
+    import execution
+
+    valid = asyncio.run(execution.validate_prompt("bench", api, None))
+    if not valid[0]:
+        return {"ok": False, "error": str(valid[1]), "node_errors": str(valid[3])[:2000]}
+    server.events, server.messages = [], []
+    for i in range(torch.cuda.device_count() if device.type == "cuda" else 0):
+        torch.cuda.reset_peak_memory_stats(i)
+    t0 = time.perf_counter()
+    executor.execute(api, f"bench-{time.time_ns()}", {"client_id": "bench"}, valid[2])
+    _sync(device)
+    t1 = time.perf_counter()
+    times = {}
+    ev = server.events + [(t1, None, 0.0)]
+    for (ta, node, _), (tb, _, _) in zip(ev, ev[1:]):
+        if node is not None:
+            times[f"{node}:{api[node]['class_type']}"] = round(tb - ta, 4)
+    err = [m for m in server.messages if m[0] != "execution_success"]
+    out = {"ok": executor.success and not err, "wall_s": round(t1 - t0, 3), "node_s": times}
+    if err:
+        out["error"] = str(err[0][1].get("exception_message", err[0]))[:2000]
+    if device.type == "cuda":
+        out.update(peak_alloc_gib=round(torch.cuda.max_memory_allocated(device) / GiB, 3),
+                   peak_resv_gib=round(torch.cuda.max_memory_reserved(device) / GiB, 3))
+        if torch.cuda.device_count() > 1:
+            out["peak_alloc_gib_per_gpu"] = [round(torch.cuda.max_memory_allocated(i) / GiB, 3)
+                                             for i in range(torch.cuda.device_count())]
+    return out
+
+
+def cli_latent(paths: dict, api: dict, args, seed: int, device) -> torch.Tensor:
+    """The CLI pipeline's latent for a workflow's settings (same files, precisions, prompts and sampler inputs)."""
+    from newbie_core.model_paths import ModelPaths
+    from newbie_core.pipeline import GenerationSettings, Pipeline
+    from newbie_core.text.prompts import resolve_system_prompt
+
+    def inputs(cls):
+        return next(n["inputs"] for n in api.values() if n["class_type"] == cls)
+
+    prec = {"dit": inputs("NewBieDiTLoader")["precision"], "text": inputs("NewBieTextEncoderLoader")["precision"],
+            "vae": "fp32"}
+    pipe = Pipeline(ModelPaths(**{k: paths[k] for k in ("dit", "gemma", "jina", "vae")}), device=str(device),
+                    precision=prec)
+    smp = inputs("NewBieDiTSampler")
+    s = GenerationSettings(width=args.size, height=args.size, steps=args.steps, cfg=5.0, solver="euler", seed=seed,
+                           shift=smp["shift"], cfg_trunc=smp["cfg_trunc"], renorm=smp["renorm"])
+    te = inputs("NewBieTextEncode")
+    system = resolve_system_prompt(te.get("system_prompt", "auto"), te["positive"])
+    latents = pipe.generate(te["positive"], te["negative"], s, system_prompt=system).latents.float().cpu()
+    pipe.close() if hasattr(pipe, "close") else None
+    return latents
+
+
+def run(args) -> dict:
+    """One ComfyUI memory setting: every workflow once, CLI parity, then the queue."""
+    mm, execution, nodes = start_comfyui(args)
+    device = mm.get_torch_device()
+    from comfy_model_files import model_files
+
+    paths = model_files(Path(args.models_dir), args.quick, device)
+    info = object_info(nodes)
+    pack = next(m for k, m in sys.modules.items() if k.endswith(".nodes.sampler") and hasattr(m, "NewBieDiTSampler"))
+    clock = StepClock(pack)
+    server = BenchServer(device)
+    executor = new_executor(execution, server)
+    import comfy
+
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "comfyui": getattr(__import__("comfyui_version"), "__version__", "?"), "comfy_args": args.comfy_args,
+              "card_gib": args.card_gib, "torch": torch.__version__, "size": args.size, "steps": args.steps,
+              "async_offload": sys.modules[pack.__name__.rsplit(".", 1)[0] + "._comfy_lowvram"].COMFY_ASYNC_OFFLOAD,
+              "workflows": {}}
+    for name in args.workflows.split(","):
+        if args.quick and name == "newbie_interop_core_nodes":
+            continue  # core VAELoader needs the real FLUX VAE architecture (full-size runs only)
+        api = api_prompt(name, info, args, seed=1)
+        r = run_prompt(executor, server, api, device, mm)
+        r["dit_s_per_step"] = clock.seconds_per_step()
+        if name == "newbie_basic_t2i" and r["ok"] and not args.no_cli:
+            ours = clock.latent.float().cpu()
+            mm.unload_all_models()
+            ref = cli_latent(paths, api, args, 1, device)
+            r["latent_rel_l2_vs_cli"] = float((ours - ref).norm() / ref.norm().clamp_min(1e-12))
+        result["workflows"][name] = r
+        print(name, json.dumps(r), flush=True)
+        mm.unload_all_models()
+        comfy.model_management.soft_empty_cache(True)
+    result["after_free"] = after_free(executor, mm, device, pack)
+    if args.queue:
+        api = api_prompt("newbie_basic_t2i", info, args, seed=100)
+        rss, vram = [], []
+        t_queue = time.perf_counter()
+        base_prompt = {k: n["inputs"].get("positive") for k, n in api.items()}
+        for i in range(args.queue):  # each a new prompt and seed: the text stage runs every time (no cache hit)
+            for k, n in api.items():
+                if "seed" in n["inputs"]:
+                    n["inputs"]["seed"] = 100 + i
+                if n["class_type"] == "NewBieTextEncode" and isinstance(base_prompt[k], str):
+                    n["inputs"]["positive"] = f"{base_prompt[k]}, variation {i}"
+            r = run_prompt(executor, server, api, device, mm)
+            assert r["ok"], r
+            rss.append(_rss_mib())
+            vram.append(_alloc(device) * 1024)
+        result["queue"] = {"n": args.queue, "rss_growth_mib": round(rss[-1] - rss[0], 1),
+                           "vram_growth_mib": round(vram[-1] - vram[0], 1), "rss_mib": [round(x) for x in rss],
+                           "images_per_min": round(60 * args.queue / (time.perf_counter() - t_queue), 3),
+                           "text_device": args.text_device or "default"}
+    return result
+
+
+def after_free(executor, mm, device, pack_sampler) -> dict:
+    """What `/free` (unload models + free the node cache) and NewBie Memory Purge leave: allocated/reserved VRAM
+    and RSS after each (the models' CPU copies stay while the loader outputs are cached)."""
+    out = {}
+    mm.unload_all_models()  # the /free path (main.py): unload, then reset the executor's caches
+    executor.reset()
+    import gc
+
+    gc.collect()
+    mm.soft_empty_cache(True)
+    out["free_alloc_gib"], out["free_rss_mib"] = round(_alloc(device), 3), round(_rss_mib())
+    if device.type == "cuda":
+        out["free_resv_gib"] = round(torch.cuda.memory_reserved(device) / GiB, 3)
+    purge = sys.modules[pack_sampler.__name__.rsplit(".", 1)[0] + ".memory_purge"].NewBieMemoryPurge
+    purge.execute()
+    out["purge_alloc_gib"], out["purge_rss_mib"] = round(_alloc(device), 3), round(_rss_mib())
+    return out
+
+
+def markdown(results: list[dict]) -> str:
+    """One table per setting: workflow, ok, wall, peaks, s/step, latent diff; plus the queue line."""
+    lines = []
+    for r in results:
+        lines += [f"### {r['device']}, ComfyUI {r['comfyui']}, flags `{r['comfy_args'] or '-'}`"
+                  f"{', card ' + str(r['card_gib']) + ' GiB' if r['card_gib'] else ''} "
+                  f"(async offload: {r['async_offload']}; {r['size']}², {r['steps']} euler steps, CFG 5)", "",
+                  "| workflow | ok | wall s | peak alloc GiB | peak resv GiB | DiT s/step | latent rel. diff vs CLI | slowest nodes |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, w in r["workflows"].items():
+            slow = ", ".join(f"{k.split(':')[1]} {v:.2f}" for k, v in sorted(w.get("node_s", {}).items(),
+                                                                           key=lambda kv: -kv[1])[:3])
+            sps = w.get("dit_s_per_step")
+            lines.append(f"| {name} | {'yes' if w['ok'] else 'NO: ' + w.get('error', '')[:80]} | {w.get('wall_s', '–')} | "
+                         f"{w.get('peak_alloc_gib', '–')} | {w.get('peak_resv_gib', '–')} | "
+                         f"{'–' if sps is None else f'{sps:.4f}'} | {w.get('latent_rel_l2_vs_cli', '–')} | {slow} |")
+        if "after_free" in r:
+            f = r["after_free"]
+            lines.append(f"\nAfter /free: {f['free_alloc_gib']} GiB allocated, {f.get('free_resv_gib', '–')} GiB reserved, "
+                         f"RSS {f['free_rss_mib']} MiB; after NewBie Memory Purge: {f['purge_alloc_gib']} GiB allocated.")
+        if "queue" in r:
+            q = r["queue"]
+            lines.append(f"\n{q['n']} queued generations (text encoders on {q['text_device']}): "
+                         f"{q['images_per_min']} images/min, VRAM growth {q['vram_growth_mib']} MiB, "
+                         f"RSS growth {q['rss_growth_mib']} MiB")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--quick", action="store_true", help="tiny models, 64², 3 steps (CPU plumbing check)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--models-dir", default=None, help="where the model files are written once (default: a temp dir)")
+    p.add_argument("--workflows", default=",".join(WORKFLOWS))
+    p.add_argument("--comfy-args", default="", help='ComfyUI flags for this run, e.g. "--lowvram"')
+    p.add_argument("--card-gib", type=float, default=0.0, help="simulate a card of this many GiB")
+    p.add_argument("--queue", type=int, default=20, help="queued generations for the growth figures (0: none)")
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--no-cli", action="store_true", help="skip the CLI latent comparison")
+    p.add_argument("--text-device", default="", help="text encoder loader device, e.g. cuda:1 (two-GPU placement)")
+    p.add_argument("--all", action="store_true", help="every standard memory setting, one process each")
+    p.add_argument("--json-only", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size, args.steps, args.queue = 64, 3, min(args.queue, 3)
+    args.models_dir = args.models_dir or tempfile.mkdtemp(prefix="newbie-comfy-models-")
+    if args.all:
+        results = []
+        for tag, extra in SETTINGS.items():
+            tmp = Path(tempfile.mkdtemp()) / f"{tag}.json"
+            base = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--all"]
+            cmd = [sys.executable, __file__, *base, "--models-dir", args.models_dir, "--json-only", str(tmp), *extra]
+            if tag != "default":
+                cmd += ["--queue", "0"]
+            rc = subprocess.call(cmd)
+            results.append(json.loads(tmp.read_text()) if rc == 0 and tmp.is_file() else
+                           {"device": "?", "comfyui": "?", "comfy_args": " ".join(extra), "card_gib": 0, "size": args.size,
+                            "steps": args.steps, "async_offload": "?", "workflows": {}, "failed": rc})
+    else:
+        results = [run(args)]
+        if args.json_only:
+            Path(args.json_only).write_text(json.dumps(results[0], indent=1))
+            return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = next((r["device"] for r in results if r["device"] != "?"), "unknown")
+    ver = next((r["comfyui"] for r in results if r["comfyui"] != "?"), "unknown")
+    stem = "comfy-workflows-" + re.sub(r"[^A-Za-z0-9.]+", "-", f"{dev}-comfyui-{ver}").strip("-").lower() \
+        + ("" if args.all else "".join(f"-{t}" for t in (re.sub(r"[^a-z0-9]+", "", args.comfy_args),
+                                                          f"card{args.card_gib:g}gb" if args.card_gib else "") if t)) \
+        + (f"-text-{args.text_device.replace(':', '')}" if args.text_device else "") + ("-quick" if args.quick else "")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{stem}.md").write_text(f"# NewBie workflows inside ComfyUI\n\n{markdown(results)}")
+    print(markdown(results))
+    return 0 if all(w["ok"] for r in results for w in r["workflows"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

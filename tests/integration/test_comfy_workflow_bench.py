@@ -1,0 +1,43 @@
+"""The in-ComfyUI workflow benchmark (benchmarks/comfy_workflow_bench.py) runs end to end in its quick CPU mode:
+the bundled workflows through ComfyUI's own PromptExecutor, in-process, on the tiny models written in ComfyUI's
+layout by the same writer the full-size GPU run uses; the basic workflow's latent equals the CLI's bit for bit."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from comfy_server import REPO_ROOT
+
+
+def test_workflow_benchmark_quick_mode_runs_end_to_end(comfy_dir, tmp_path):
+    env = dict(os.environ, COMFYUI_DIR=str(comfy_dir))
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "comfy_workflow_bench.py"), "--quick",
+                           "--device", "cpu", "--out", str(tmp_path), "--queue", "2"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result,) = [json.loads(p.read_text()) for p in tmp_path.glob("comfy-workflows-*-quick.json")]
+    run = result[0]
+    assert run["device"] == "cpu" and run["comfyui"] not in ("?", None)
+    flows = run["workflows"]
+    assert {"newbie_basic_t2i", "newbie_low_vram", "newbie_precision_swap", "newbie_xml_multi_character"} <= set(flows)
+    for name, w in flows.items():
+        assert w["ok"], (name, w)
+        assert any(k.endswith(":NewBieDiTSampler") for k in w["node_s"]) and w["dit_s_per_step"] > 0
+    assert flows["newbie_basic_t2i"]["latent_rel_l2_vs_cli"] == 0.0  # same engine, same files, same numbers
+    assert run["after_free"]["free_alloc_gib"] == 0.0 and "purge_rss_mib" in run["after_free"]
+    assert run["queue"]["n"] == 2 and len(run["queue"]["rss_mib"]) == 2
+    assert (tmp_path / next(tmp_path.glob("*-quick.json")).name.replace(".json", ".md")).is_file()
+
+
+def test_dit_placement_benchmark_quick_mode_matches_the_full_load(comfy_dir, tmp_path):
+    """ComfyUI's partial load and the engine's block streaming give the full-load DiT output at every budget."""
+    env = dict(os.environ, COMFYUI_DIR=str(comfy_dir))
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "comfy_dit_placement.py"), "--quick",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result,) = [json.loads(p.read_text()) for p in tmp_path.glob("comfy-dit-placement-*-quick.json")]
+    ways = [r["way"] for r in result["rows"]]
+    assert ways.count("engine-stream") == ways.count("comfyui-partial") == 3
+    assert all(r["rel_l2_diff"] == 0.0 for r in result["rows"] if r["way"] != "comfyui-full")

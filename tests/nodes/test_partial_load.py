@@ -1,0 +1,177 @@
+"""Every pack model partially loadable inside ComfyUI: with a budget smaller than the model, ComfyUI's
+ModelPatcher leaves part of each model (Gemma, Jina, DiT, VAE) on the offload device and casts it per call, and
+the engine's block streaming runs the DiT, giving the fully loaded image bit for bit (fp32: same arithmetic).
+Also: ComfyUI sees true sizes; unloading/eviction/purge leave models that still run."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_one_engine import NEGATIVE, PROMPT, SETTINGS
+
+
+@pytest.fixture
+def budget(pack, comfyui, monkeypatch):
+    """Replace the host's ComfyUI load by ComfyUI's own partial load (`LoadedModel.model_load` with a
+    lowvram_model_memory of `state["fraction"]` × the model's size, what load_models_gpu does when VRAM is
+    short); records (patcher, loaded bytes, model bytes) per load."""
+    c, mm = pack.nodes._comfy, comfyui.mm
+    state = {"fraction": None, "loads": []}
+    original = c.load_to_device
+
+    def load(patchers, memory_required=0, full=False):
+        if state["fraction"] is None:
+            return original(patchers, memory_required, full)
+        for p in patchers:
+            c.unload(p, clear_cache=False)
+            lm = mm.LoadedModel(p)
+            lm.model_load(lowvram_model_memory=max(1, int(p.model_size() * state["fraction"])))
+            mm.current_loaded_models.insert(0, lm)
+            state["loads"].append((p.newbie_label, p.loaded_size(), p.model_size()))
+
+    monkeypatch.setattr(c, "load_to_device", load)
+    return state
+
+
+def run_graph(pack, loaders, enc=None, model=None, vae=None, precision="fp32"):
+    te = pack.nodes.text_encode
+    te.EMBEDDING_CACHE.clear()
+    enc = enc or loaders.text_encoders(precision=precision)
+    pos, neg = te.NewBieTextEncode.execute(text_encoders=enc, positive=PROMPT, negative=NEGATIVE,
+                                           system_prompt="auto", keep_loaded=False).args
+    model = model or loaders.dit(precision=precision, attention="sdpa")
+    latent = pack.nodes.sampler.NewBieDiTSampler.execute(model=model, positive=pos, negative=neg, steps=3,
+                                                         solver="euler", **SETTINGS).args[0]
+    image = pack.nodes.vae_decode.NewBieVAEDecode.execute(vae=vae or loaders.vae(precision="fp32"), samples=latent,
+                                                          precision="auto", tiled=False).args[0]
+    text = torch.cat([pos[0][0].flatten(), pos[0][1]["pooled_output"].flatten()])  # Gemma features + Jina vector
+    return text, latent["samples"], image
+
+
+def test_every_pack_model_is_castable_and_sized_truly(pack, loaders):
+    low, c = pack.nodes._comfy_lowvram, pack.nodes._comfy
+    enc, vae = loaders.text_encoders(precision="fp32"), loaders.vae(precision="fp32")
+    for patcher in (enc.gemma_patcher, enc.jina_patcher, vae.patcher):
+        c.make_partially_loadable(patcher)
+        assert low.all_castable(patcher.model), patcher.newbie_label
+        true = sum(t.numel() * t.element_size() for t in list(patcher.model.parameters()) + list(patcher.model.buffers()))
+        # what ComfyUI budgets is what moves: no embedding table, non-persistent buffers (rotary caches) counted
+        assert patcher.model_size() == true, patcher.newbie_label
+    table = enc.gemma.model.embed_tokens.weight
+    assert all(p is not table for p in enc.gemma_patcher.model.parameters())  # Gemma's table: CPU, outside
+    assert low.all_castable(loaders.dit(precision="fp32").model.diffusion_model)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp8_e4m3fn"])
+def test_partial_loading_gives_the_full_load_output_bit_for_bit(pack, loaders, budget, precision):
+    full = run_graph(pack, loaders, precision=precision)
+    budget["fraction"] = 0.3
+    part = run_graph(pack, loaders, precision=precision)
+    labels = {label for label, loaded, size in budget["loads"] if loaded < size}
+    assert any("Gemma" in x for x in labels) and any("Jina" in x for x in labels)
+    assert any("DiT" in x for x in labels) and any("VAE" in x for x in labels)
+    for a, b, what in zip(full, part, ("text features", "latents", "image")):
+        assert torch.equal(a, b), f"{what} differ under partial loading"
+
+
+def test_partial_loading_is_really_partial(pack, loaders, budget):
+    """The comparison above can fail: a budget of 0.3 leaves weights off the load device (cast per call)."""
+    budget["fraction"] = 0.3
+    enc = loaders.text_encoders(precision="fp32")
+    run_graph(pack, loaders, enc=enc)
+    assert all(loaded < size for _, loaded, size in budget["loads"])
+
+
+def test_block_streaming_of_the_dit_gives_the_full_load_latents(pack, loaders):
+    model = loaders.dit(precision="fp32", attention="sdpa")
+    enc = loaders.text_encoders(precision="fp32")
+    _, ref, _ = run_graph(pack, loaders, enc=enc, model=model)
+    dm = model.model.diffusion_model
+    before = {n: p.data_ptr() for n, p in dm.named_parameters()}
+    seen = []
+    streamer_cls = pack.nodes._comfy_lowvram.LayerStreamer
+
+    class Spy(streamer_cls):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen.append((self.resident, len(self.layers)))
+
+    model.model_options.update(newbie_stream="on", newbie_stream_budget=0)
+    orig = pack.nodes._comfy_lowvram.LayerStreamer
+    pack.nodes._comfy_lowvram.LayerStreamer = Spy
+    try:
+        _, out, _ = run_graph(pack, loaders, enc=enc, model=model)
+        model.model_options["newbie_stream_budget"] = 10**12  # every block resident
+        _, out_resident, _ = run_graph(pack, loaders, enc=enc, model=model)
+    finally:
+        pack.nodes._comfy_lowvram.LayerStreamer = orig
+        model.model_options.pop("newbie_stream"), model.model_options.pop("newbie_stream_budget")
+    assert seen[0][0] == 0 and seen[1][0] == seen[1][1] > 0
+    assert torch.equal(out, ref) and torch.equal(out_resident, ref)
+    assert {n: p.data_ptr() for n, p in dm.named_parameters()} == before  # host weights back in place
+
+
+def test_streaming_is_automatic_only_without_async_offload(pack, loaders):
+    low = pack.nodes._comfy_lowvram
+    model = loaders.dit(precision="fp32", attention="sdpa")
+    assert low.should_stream(model, 0) is False  # CPU device: ComfyUI's own path
+    model.model_options["newbie_stream"] = "on"
+    assert low.should_stream(model, 0) is True
+    model.model_options["newbie_compile"] = True  # compiled graphs keep the resident path
+    assert low.should_stream(model, 0) is False
+
+
+def test_a_model_evicted_by_another_load_still_runs_and_purge_releases_everything(pack, loaders, comfyui, budget):
+    mm, c = comfyui.mm, pack.nodes._comfy
+    enc, model, vae = loaders.text_encoders(precision="fp32"), loaders.dit(precision="fp32"), loaders.vae("fp32")
+    ref = run_graph(pack, loaders, enc=enc, model=model, vae=vae)
+    budget["fraction"] = 0.5
+    c.load_to_device([model])
+    c.load_to_device([vae.patcher])
+    mm.free_memory(10**15, model.load_device, keep_loaded=[])  # another model's load evicts everything
+    assert not mm.current_loaded_models
+    again = run_graph(pack, loaders, enc=enc, model=model, vae=vae)
+    for a, b in zip(ref, again):
+        assert torch.equal(a, b)
+    c.load_to_device([model])
+    assert any(m.model is model for m in mm.current_loaded_models)
+
+    class Pinned:  # what streamed_dit leaves on a CUDA machine: a registered PinnedArena
+        closed = False
+
+        def close(self):
+            Pinned.closed = True
+
+    pinned = model.newbie_arena = Pinned()
+    pack.nodes.memory_purge.NewBieMemoryPurge.execute()  # Memory Purge ("/free" unloads the same way)
+    assert not mm.current_loaded_models
+    assert not any(r["loaded_by_comfyui"] for r in c.pack_models())
+    for p in (model, vae.patcher, enc.gemma_patcher, enc.jina_patcher):
+        assert getattr(p, "newbie_arena", None) is None
+        assert all(not getattr(m, "comfy_cast_weights", False) for m in p.model.modules())  # no lowvram state left
+        assert {t.device for t in p.model.parameters()} == {p.offload_device}
+    assert pinned.closed  # the page-locked DiT copy was unregistered
+
+
+def test_block_streaming_of_the_text_encoders_gives_the_same_features(pack, loaders):
+    enc = loaders.text_encoders(precision="fp32")
+    ref, _, _ = run_graph(pack, loaders, enc=enc)
+    counts = []
+    orig = pack.nodes._comfy_lowvram.LayerStreamer
+
+    class Spy(orig):
+        def __init__(self, layers, *a, **k):
+            super().__init__(layers, *a, **k)
+            counts.append(len(self.layers))
+
+    for p in (enc.gemma_patcher, enc.jina_patcher):
+        p.model_options.update(newbie_stream="on", newbie_stream_budget=0)
+    pack.nodes._comfy_lowvram.LayerStreamer = Spy
+    try:
+        out, _, _ = run_graph(pack, loaders, enc=enc)
+    finally:
+        pack.nodes._comfy_lowvram.LayerStreamer = orig
+        for p in (enc.gemma_patcher, enc.jina_patcher):
+            p.model_options.pop("newbie_stream"), p.model_options.pop("newbie_stream_budget")
+    assert len(counts) >= 2 and all(n > 0 for n in counts)  # Gemma and Jina each streamed their layers
+    assert torch.equal(out, ref)
