@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import tempfile
@@ -61,7 +60,7 @@ def main() -> int:
     path = write_random_dit(args.quick, device, tmp)
     hw, cap = ((16, 16), 24) if args.quick else ((128, 128), 256)
     runs = 1 if args.quick else 5
-    rows, steps_out = [], {}
+    rows = []
 
     cli_dit = load_dit(path, dtype=torch.bfloat16, device="cpu")
     staged = StagedModel("dit", cli_dit)
@@ -135,7 +134,8 @@ def main() -> int:
               "fp8_final_latent_vs_bf16": quality, "sampling": {"steps": args.steps, "solver": "euler", "cfg": 4.0}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "comfy-engine-step-" + re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower() + ("-quick" if args.quick else "")
+    stem = ("comfy-engine-step-" + re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
+            + f"-comfyui-{comfyui_version.__version__}" + ("-quick" if args.quick else ""))
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     lines = [f"DiT step, CLI host vs ComfyUI host (ComfyUI {comfyui_version.__version__}), {gpu}, CFG batch 2, "
              f"latent {hw[0]}×{hw[1]}, {cap} caption tokens", "",
