@@ -53,6 +53,7 @@ def build_model(device: torch.device, quick: bool, seed: int = 0):
     """A random-weight Gemma3TextModel built on `device`, returned on the CPU in bf16 (the 'file' copy)."""
     from transformers import Gemma3TextConfig, Gemma3TextModel
 
+    from ..fp8 import make_fp8_capable
     from ..text.gemma import GEMMA3_4B_EXTRA
 
     cfg = Gemma3TextConfig(**TINY) if quick else Gemma3TextConfig(**FULL, **GEMMA3_4B_EXTRA)
@@ -61,6 +62,7 @@ def build_model(device: torch.device, quick: bool, seed: int = 0):
     with torch.device(device):
         model = Gemma3TextModel(cfg).to(torch.bfloat16)
     model = model.to("cpu").eval().requires_grad_(False)
+    make_fp8_capable(model)  # as load_gemma does: fp8 storage applies to Fp8Linear layers
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return model
