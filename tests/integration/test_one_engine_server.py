@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 
-from test_pack_server import DIT, GEMMA, JINA, VAE
+from test_pack_server import DIT, GEMMA, JINA, VAE, pipeline
 
 SIZE, STEPS, SEED = 48, 3, 5
 POSITIVE, NEGATIVE = "1girl, smile, cherry blossoms", "lowres"
@@ -15,23 +15,8 @@ POSITIVE, NEGATIVE = "1girl, smile, cherry blossoms", "lowres"
 
 def graph(precision: str, solver: str) -> dict:
     """Loaders (DiT and text encoders in `precision`, VAE fp32) → Text Encode → Sampler → VAE Decode → Preview."""
-    return {
-        "1": {"class_type": "NewBieDiTLoader", "inputs": {"dit_name": DIT, "precision": precision,
-                                                          "attention": "auto", "compile": False, "device": "default"}},
-        "2": {"class_type": "NewBieTextEncoderLoader", "inputs": {"gemma_name": GEMMA, "jina_name": JINA,
-                                                                  "precision": precision, "device": "default"}},
-        "3": {"class_type": "NewBieVAELoader", "inputs": {"vae_name": VAE, "precision": "fp32", "device": "default"}},
-        "4": {"class_type": "NewBieTextEncode", "inputs": {"text_encoders": ["2", 0], "positive": POSITIVE,
-                                                           "negative": NEGATIVE, "system_prompt": "auto",
-                                                           "keep_loaded": False}},
-        "5": {"class_type": "NewBieDiTSampler", "inputs": {
-            "model": ["1", 0], "positive": ["4", 0], "negative": ["4", 1], "seed": SEED, "steps": STEPS, "cfg": 3.0,
-            "shift": 6.0, "solver": solver, "cfg_trunc": 0.7, "renorm": 0.0, "width": SIZE, "height": SIZE,
-            "batch_size": 1}},
-        "6": {"class_type": "NewBieVAEDecode", "inputs": {"vae": ["3", 0], "samples": ["5", 0], "precision": "auto",
-                                                          "tiled": False}},
-        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
-    }
+    return pipeline(POSITIVE, NEGATIVE, seed=SEED, steps=STEPS, size=SIZE, solver=solver, cfg_trunc=0.7,
+                    te_precision=precision, dit_precision=precision, cfg=3.0)
 
 
 def cli_pixels(files: dict, precision: str, solver: str, seed: int = SEED) -> np.ndarray:

@@ -20,10 +20,10 @@ DIT, GEMMA, JINA, VAE = ("NewBie-Image-Exp0.1.safetensors", "gemma_3_4b_it_bf16.
 
 
 def pipeline(positive="1girl, smile", negative="lowres", seed=0, steps=3, size=64, solver="euler",
-             cfg_trunc=1.0, te_precision="fp32", dit_name=DIT) -> dict:
-    """Loaders → Text Encode (node "4") → Sampler ("5") → VAE Decode → PreviewImage, all fp32 (fast on CPU)."""
+             cfg_trunc=1.0, te_precision="fp32", dit_name=DIT, dit_precision="fp32", cfg=4.0) -> dict:
+    """Loaders → Text Encode (node "4") → Sampler ("5") → VAE Decode → PreviewImage ("7"), fp32 unless asked."""
     return {
-        "1": {"class_type": "NewBieDiTLoader", "inputs": {"dit_name": dit_name, "precision": "fp32",
+        "1": {"class_type": "NewBieDiTLoader", "inputs": {"dit_name": dit_name, "precision": dit_precision,
                                                           "attention": "auto", "compile": False, "device": "default"}},
         "2": {"class_type": "NewBieTextEncoderLoader", "inputs": {"gemma_name": GEMMA, "jina_name": JINA,
                                                                   "precision": te_precision, "device": "default"}},
@@ -32,7 +32,7 @@ def pipeline(positive="1girl, smile", negative="lowres", seed=0, steps=3, size=6
                                                            "negative": negative, "system_prompt": "auto",
                                                            "keep_loaded": False}},
         "5": {"class_type": "NewBieDiTSampler", "inputs": {
-            "model": ["1", 0], "positive": ["4", 0], "negative": ["4", 1], "seed": seed, "steps": steps, "cfg": 4.0,
+            "model": ["1", 0], "positive": ["4", 0], "negative": ["4", 1], "seed": seed, "steps": steps, "cfg": cfg,
             "shift": 6.0, "solver": solver, "cfg_trunc": cfg_trunc, "renorm": 0.0, "width": size, "height": size,
             "batch_size": 1}},
         "6": {"class_type": "NewBieVAEDecode", "inputs": {"vae": ["3", 0], "samples": ["5", 0], "precision": "auto",
