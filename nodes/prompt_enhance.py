@@ -49,6 +49,10 @@ class NewBiePromptEnhance(io.ComfyNode):
                 io.Int.Input("characters", default=0, min=0, max=8, optional=True,
                              tooltip="How many characters the prompt must describe (0 = Gemma decides). The linter "
                                      "checks the count."),
+                io.Boolean.Input("compiled_decode", default=False, optional=True,
+                                 tooltip="Static KV cache with a compiled decode step: about 6× the tokens/s on a GPU "
+                                         "(H200: 159 vs 23 per second in bf16) after a one-time compile of about a "
+                                         "minute. Off: no compile, slower generation."),
             ],
             outputs=[io.String.Output(display_name="prompt", tooltip="The prompt; connect to NewBie Text Encode's "
                                                                      "positive (system_prompt auto or xml)."),
@@ -58,11 +62,13 @@ class NewBiePromptEnhance(io.ComfyNode):
 
     @classmethod
     def execute(cls, text_encoders, idea, mode, max_new_tokens, temperature, top_p, seed, keep_loaded,
-                characters=0) -> io.NodeOutput:
+                characters=0, compiled_decode=False) -> io.NodeOutput:
         enc = text_encoders
-        sampling = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        sampling = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                    cache="static" if compiled_decode else "dynamic")
         settings = EnhanceSettings(mode=mode, characters=characters, sampling=sampling)
-        identity = (file_identity(enc.files[0]), enc.precision)  # a replaced file or precision → a new key
+        # the content fingerprint taken when Gemma was loaded (a replaced file or another precision → a new key)
+        identity = (enc.fingerprints[0] if enc.fingerprints else file_identity(enc.files[0]), enc.precision)
         bar = _comfy.progress_bar(max_new_tokens)
 
         def on_token(done: int, limit: int) -> None:  # every token: a cancel point and a progress tick

@@ -124,3 +124,19 @@ class _Entered:
 
     def __exit__(self, *exc):
         return self.cm.__exit__(*exc)
+
+
+@pytest.mark.parametrize("compiled, cache", [(False, "dynamic"), (True, "static")])
+def test_compiled_decode_picks_the_static_kv_cache(node, text_encoders, monkeypatch, compiled, cache):
+    """The node's compiled_decode input reaches the generation settings (static cache = compiled decode step)."""
+    seen = []
+    real = node.stages.enhance_prompt
+
+    def spy(host, cache_, idea, settings, identity, on_token=None, **kw):
+        seen.append(settings.sampling.cache)
+        return real(host, cache_, idea, settings, identity, on_token, **kw)
+
+    monkeypatch.setattr(node.stages, "enhance_prompt", spy)
+    run(node, text_encoders, idea=f"compiled {compiled}", compiled_decode=compiled) if compiled else \
+        run(node, text_encoders, idea="plain")
+    assert seen == [cache]
