@@ -162,7 +162,7 @@ class StepClock:
         stages = pack_sampler.stages
         orig = stages.sample
 
-        def sample(host, cond, uncond, settings, on_step=None):
+        def sample(host, cond, uncond, settings, on_step=None, **kwargs):
             self.stamps = [time.perf_counter()]
 
             def tick(info):
@@ -170,7 +170,7 @@ class StepClock:
                 self.stamps.append(time.perf_counter())
                 if on_step:
                     on_step(info)
-            self.latent = orig(host, cond, uncond, settings, tick)
+            self.latent = orig(host, cond, uncond, settings, tick, **kwargs)
             return self.latent
 
         import types
