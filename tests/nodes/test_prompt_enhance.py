@@ -35,7 +35,7 @@ def test_schema(pack):
     schema = pack.nodes.prompt_enhance.NewBiePromptEnhance.define_schema()
     assert schema.category == "NewBie/prompt" and schema.node_id in pack.nodes.node_ids()
     assert [i.id for i in schema.inputs] == ["text_encoders", "idea", "mode", "max_new_tokens", "temperature", "top_p",
-                                             "seed", "keep_loaded", "characters"]
+                                             "seed", "keep_loaded", "characters", "compiled_decode"]
     assert all(i.tooltip for i in schema.inputs) and [o.display_name for o in schema.outputs] == ["prompt", "report"]
 
 
