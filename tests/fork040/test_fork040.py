@@ -1,7 +1,7 @@
 """Both CONDITIONING directions against the ComfyUI-NewBie 0.4.0 fork (native NewBie model), run in its own Python.
 
-The fork's tree: $NEWBIE_COMFYUI_040 or /work/ComfyUI-0.4.0; its venv's Python: $NEWBIE_PYTHON_040 or
-<repo>/.venv-040/bin/python (made by setup-comfyui-cpu.sh + `pip install -e <repo>[test]`). Skipped cleanly when
+The fork's tree: $NEWBIE_COMFYUI_040, else the second ComfyUI host (scripts/find_comfyui.py); its venv's Python:
+$NEWBIE_PYTHON_040, else that host's venv made by scripts/setup.sh (.venv-comfyui-<version>). Skipped cleanly when
 either is absent. The probe (fork_probe.py) runs in a subprocess because a test session may already have imported
 another ComfyUI (0.3.64) in-process.
 """
@@ -15,8 +15,21 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-FORK = Path(os.environ.get("NEWBIE_COMFYUI_040", "/work/ComfyUI-0.4.0"))
-PYTHON = Path(os.environ.get("NEWBIE_PYTHON_040", REPO / ".venv-040" / "bin" / "python"))
+
+
+def _second_host() -> tuple[Path, Path]:
+    """(fork tree, its venv's python): the environment's, else scripts/setup.sh's second host."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_newbie_find_comfyui", REPO / "scripts" / "find_comfyui.py")
+    finder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finder)
+    tree = Path(os.environ.get("NEWBIE_COMFYUI_040") or finder.find_second_comfyui() or "/work/ComfyUI-0.4.0")
+    default_py = REPO / finder.second_venv_name(tree) / "bin" / "python" if tree.is_dir() else REPO / ".venv-040"
+    return tree, Path(os.environ.get("NEWBIE_PYTHON_040") or default_py)
+
+
+FORK, PYTHON = _second_host()
 
 
 @pytest.fixture(scope="module")
