@@ -124,7 +124,8 @@ def sampler_args(dit):
 
 
 @pytest.mark.parametrize("field,value", [("cfg_trunc", float("nan")), ("renorm", float("nan")), ("cfg", float("inf")),
-                                         ("shift", float("nan")), ("solver", "rk4"), ("steps", 10_000)])
+                                         ("shift", float("nan")), ("solver", "rk4"), ("steps", 10_000),
+                                         ("denoise", float("nan")), ("denoise", 1.5)])
 def test_sampler_refuses_nan_and_unknown_values(pack, sampler_args, field, value):
     with pytest.raises(pack.newbie_core.errors.InputError, match=field):
         pack.nodes.sampler.NewBieDiTSampler.execute(**{**sampler_args, field: value})
