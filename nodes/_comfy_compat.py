@@ -47,3 +47,12 @@ def free_memory(device, patcher=None) -> int:
     if patcher is not None and hasattr(patcher, "get_free_memory"):
         return patcher.get_free_memory(device)
     return mm.get_free_memory(device)
+
+
+def cast_bias_weight(layer, x, **kwargs):
+    """`comfy.ops.cast_bias_weight` on any version, as (weight, bias, offload stream or None): ComfyUI ≥ 0.4 casts
+    on its offload stream (`offloadable=True`; pass the stream to `comfy.ops.uncast_bias_weight` after use)."""
+    if CAST_TAKES_OFFLOADABLE:
+        return comfy.ops.cast_bias_weight(layer, x, offloadable=True, **kwargs)
+    weight, bias = comfy.ops.cast_bias_weight(layer, x, **kwargs)
+    return weight, bias, None

@@ -26,7 +26,7 @@ from ..newbie_core.recovery import cleans_up_on_failure
 from ..newbie_core.validate import check_attention
 from . import _comfy_lowvram as lowvram
 from ._comfy import device_for, register
-from ._comfy_compat import CAST_TAKES_OFFLOADABLE, LOWVRAM_PATCH_CONVERTS
+from ._comfy_compat import LOWVRAM_PATCH_CONVERTS, cast_bias_weight
 
 
 class ComfyNewBieDiT(NextDiT):
@@ -119,10 +119,7 @@ def _cast_for_call(layer, x):
     """ComfyUI's per-call weight cast for a partially loaded layer (its offload stream where ComfyUI has one).
     fp8 weights arrive still in fp8 (their scale is applied by `linear_forward`); others in the input's dtype."""
     dtype = layer.weight.dtype if layer.weight_scale is not None else None
-    if CAST_TAKES_OFFLOADABLE:
-        return comfy.ops.cast_bias_weight(layer, x, dtype=dtype, bias_dtype=x.dtype, offloadable=True)
-    weight, bias = comfy.ops.cast_bias_weight(layer, x, dtype=dtype, bias_dtype=x.dtype)
-    return weight, bias, None
+    return cast_bias_weight(layer, x, dtype=dtype, bias_dtype=x.dtype)
 
 
 class NewBieOps(comfy.ops.disable_weight_init):

@@ -25,7 +25,7 @@ import comfy.ops
 from ..newbie_core.fp8 import Fp8Linear
 from ..newbie_core.loading import STREAMED_BLOCKS
 from ..newbie_core.streaming import LayerStreamer, PinnedArena, block_nbytes, resident_for_budget
-from ._comfy_compat import CAST_TAKES_OFFLOADABLE
+from ._comfy_compat import CAST_TAKES_OFFLOADABLE, cast_bias_weight
 
 log = logging.getLogger("newbie")
 # Feature test, not a version test: ComfyUI ≥ 0.4 pins offloaded weights and casts them on an offload stream.
@@ -57,10 +57,7 @@ class CastableMixin(comfy.ops.CastWeightBiasOp):
             w = originals["weight"]
             b = originals.get("bias")
             kw = dict(dtype=w.dtype, device=x.device, bias_dtype=None if b is None else b.dtype)
-            if CAST_TAKES_OFFLOADABLE:
-                weight, bias, stream = comfy.ops.cast_bias_weight(_Proxy(self), x, offloadable=True, **kw)
-            else:
-                weight, bias = comfy.ops.cast_bias_weight(_Proxy(self), x, **kw)
+            weight, bias, stream = cast_bias_weight(_Proxy(self), x, **kw)
             casted["weight"] = weight
             if b is not None:
                 casted["bias"] = bias
