@@ -5,23 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_sampler import SIZE, conditioning
-
-
-@pytest.fixture(scope="module")
-def conds(dit):
-    dm = dit.model.diffusion_model
-    return conditioning(dm, 6, seed=1), conditioning(dm, 1, seed=2)
-
-
-@pytest.fixture
-def sampler(pack, dit, conds):
-    def run(**overrides):
-        kw = dict(model=dit, positive=conds[0], negative=conds[1], seed=7, steps=4, cfg=3.0, shift=6.0,
-                  solver="euler", cfg_trunc=0.5, renorm=0.0, width=SIZE, height=SIZE, batch_size=1)
-        kw.update(overrides)
-        return pack.nodes.sampler.NewBieDiTSampler.execute(**kw).args[0]
-    return run
+from test_sampler import SIZE, conds, sampler  # noqa: F401  (the sampler tests' fixtures)
 
 
 def image(b=1, h=SIZE, w=SIZE, seed=0):
