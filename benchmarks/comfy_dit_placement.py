@@ -43,8 +43,12 @@ def native_step(path: Path, inputs: tuple, device, budget: int, runs: int) -> di
     dm = patcher.model.diffusion_model
     (x, t, feats, mask, pooled), _ = inputs
 
+    # ComfyUI's attention wants a float mask it can broadcast over heads and queries: (B, 1, L), additive.
+    additive = torch.zeros(mask.shape[0], 1, mask.shape[1], dtype=feats.dtype, device=mask.device)
+    additive.masked_fill_(~mask.bool()[:, None, :], torch.finfo(feats.dtype).min)
+
     def forward(*_a, layout=None):
-        return dm(x, t, feats, feats.shape[1], attention_mask=mask, clip_text_pooled=pooled)
+        return dm(x, t, feats, feats.shape[1], attention_mask=additive, clip_text_pooled=pooled)
 
     try:
         r = dit_step(forward, inputs, device, runs=runs)

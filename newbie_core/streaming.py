@@ -238,6 +238,21 @@ class PinnedArena:
             err = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.buffer.numel(), 0)
             self.registered = int(getattr(err, "value", err)) == 0
 
+    def absorb(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+        """The arena's views for `tensors` (the same tensors, in the order the arena was built from), after
+        copying in every one that no longer lives in the arena: a host that moved weights to the device and back
+        (ComfyUI's partial load, then unload) leaves fresh pageable copies, which would silently halve the
+        streaming bandwidth. Only the moved tensors are copied. None when the layout differs (other tensors,
+        shapes or dtypes): build a new arena then."""
+        if len(tensors) != len(self.views) or any(
+                t.shape != v.shape or t.dtype != v.dtype for t, v in zip(tensors, self.views)):
+            return None
+        with torch.no_grad():
+            for t, v in zip(tensors, self.views):
+                if t.data_ptr() != v.data_ptr():
+                    v.copy_(t)
+        return self.views
+
     def close(self) -> None:
         """Unregister the buffer from CUDA (the memory itself is freed with the last view)."""
         if self.registered:

@@ -151,15 +151,26 @@ def stream_mode(patcher) -> str:
     return patcher.model_options.get("newbie_stream", "auto")
 
 
-def should_stream(patcher, memory_required: int) -> bool:
-    """Whether this placement of a model (DiT, Gemma, Jina) streams its blocks with the engine's LayerStreamer."""
+def should_stream(patcher, memory_required: int, released_after: bool = False) -> bool:
+    """Whether this placement of a model (DiT, Gemma, Jina) runs on the engine's pinned path (`streamed`: blocks
+    uploaded from one pinned host copy, as many resident as the free memory allows, the rest streamed).
+
+    `released_after`: the model is unloaded right after its stage (text encoders without keep_loaded). Then the
+    engine path is taken on every CUDA ComfyUI, fitting or not: it uploads from pinned memory and releases by
+    pointing the weights back at that copy, where ComfyUI's unload copies every weight back into fresh pageable
+    memory (seconds for Gemma, at every prompt). Otherwise only where this ComfyUI has no async offload and the
+    model does not fit. `model_options["newbie_stream"]` (auto/on/off) overrides both."""
     mode = stream_mode(patcher)
     if mode == "off" or patcher.patches or patcher.model_options.get("newbie_compile"):
         return False  # ComfyUI applies patches (LoRA) itself; compiled graphs keep the resident path
     if mode == "on":
         return True
     dev = patcher.load_device
-    if COMFY_ASYNC_OFFLOAD or dev.type != "cuda":
+    if dev.type != "cuda":
+        return False
+    if released_after:
+        return True
+    if COMFY_ASYNC_OFFLOAD:
         return False
     fits = mm.get_free_memory(dev) + patcher.loaded_size() > patcher.model_size() + memory_required \
         + mm.minimum_inference_memory()
@@ -178,18 +189,20 @@ def _blocks(root, role: str) -> list[torch.nn.Module]:
 
 
 def _pin_blocks(patcher, blocks) -> None:
-    """Point the blocks' tensors at one pinned arena (kept with the model, so pinned once per load)."""
+    """Point the blocks' tensors at one pinned arena (kept with the model, so pinned once per load). Tensors
+    ComfyUI moved since (a partial load and unload makes fresh pageable copies) are copied back into their
+    pinned places (`PinnedArena.absorb`): checking only one tensor once let most of a DiT stream from pageable
+    memory at half the bandwidth after ComfyUI had partially loaded it."""
     if not torch.cuda.is_available():
         return
     tensors = [(m, n, k, t) for b in blocks for m, n, k, t in _tensors(b)]
     arena = getattr(patcher, "newbie_arena", None)
-    if arena is not None:
-        start = arena.buffer.data_ptr()
-        if start <= tensors[0][3].data_ptr() < start + arena.buffer.numel() and arena.registered:
-            return  # still streaming from the pinned copy
-        unpin(patcher)  # ComfyUI loaded and unloaded the model since: its weights are new tensors
-    arena = PinnedArena([t for *_, t in tensors])
-    for (m, n, k, _), v in zip(tensors, arena.views):
+    views = arena.absorb([t for *_, t in tensors]) if arena is not None and arena.registered else None
+    if views is None:
+        unpin(patcher)
+        arena = PinnedArena([t for *_, t in tensors])
+        views = arena.views
+    for (m, n, k, _), v in zip(tensors, views):
         if k == "p":
             m._parameters[n].data = v
         else:

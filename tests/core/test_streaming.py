@@ -128,3 +128,23 @@ def test_lowvram_pipeline_gives_the_same_image_and_releases_everything(tiny_mode
     assert (res.images - ref.images).abs().max() < 1e-3, "tiled decode differs from the full decode only at seams"
     assert "tiled" in res.ledger.records[-1].notes
     assert all(m.streamer is None for m in low._models.values()), "streamers are detached after each stage"
+
+
+def test_pinned_arena_absorbs_tensors_a_host_moved_and_refuses_another_layout():
+    """After a host moved some weights away and back (fresh copies), absorb copies exactly those into their
+    arena places: every tensor then aliases the arena and holds the moved copy's values."""
+    from newbie_core.streaming import PinnedArena
+
+    tensors = [torch.randn(4, 3), torch.randn(5), torch.randn(2, 2).to(torch.bfloat16)]
+    arena = PinnedArena(tensors)
+    current = list(arena.views)
+    moved = torch.randn(5)  # e.g. ComfyUI loaded it to the device and unloaded it into new pageable memory
+    current[1] = moved.clone()
+    untouched = arena.views[0].clone()
+    views = arena.absorb(current)
+    assert views is arena.views
+    assert [v.data_ptr() for v in views] == [v.data_ptr() for v in arena.views]
+    assert torch.equal(views[1], moved) and torch.equal(views[0], untouched)
+    assert arena.absorb(current[:2]) is None  # fewer tensors
+    assert arena.absorb([current[0], torch.randn(6), current[2]]) is None  # another shape
+    assert arena.absorb([current[0], current[1], current[2].float()]) is None  # another dtype
