@@ -274,7 +274,7 @@ def run(args) -> dict:
     result["after_free"] = after_free(executor, mm, device, pack)
     if args.queue:
         api = api_prompt("newbie_basic_t2i", info, args, seed=100)
-        rss, vram = [], []
+        rss, vram, per_node = [], [], {}
         t_queue = time.perf_counter()
         base_prompt = {k: n["inputs"].get("positive") for k, n in api.items()}
         for i in range(args.queue):  # each a new prompt and seed: the text stage runs every time (no cache hit)
@@ -285,12 +285,16 @@ def run(args) -> dict:
                     n["inputs"]["positive"] = f"{base_prompt[k]}, variation {i}"
             r = run_prompt(executor, server, api, device, mm)
             assert r["ok"], r
+            for key, sec in r["node_s"].items():
+                per_node.setdefault(key.split(":")[1], []).append(sec)
             rss.append(_rss_mib())
             vram.append(_alloc(device) * 1024)
         result["queue"] = {"n": args.queue, "rss_growth_mib": round(rss[-1] - rss[0], 1),
                            "vram_growth_mib": round(vram[-1] - vram[0], 1), "rss_mib": [round(x) for x in rss],
                            "images_per_min": round(60 * args.queue / (time.perf_counter() - t_queue), 3),
-                           "text_device": args.text_device or "default"}
+                           "text_device": args.text_device or "default",
+                           "median_node_s": {k: round(sorted(v)[len(v) // 2], 4) for k, v in per_node.items()},
+                           "node_runs": {k: len(v) for k, v in per_node.items()}}  # cached nodes do not run
     return result
 
 
@@ -337,7 +341,10 @@ def markdown(results: list[dict]) -> str:
             q = r["queue"]
             lines.append(f"\n{q['n']} queued generations (text encoders on {q['text_device']}): "
                          f"{q['images_per_min']} images/min, VRAM growth {q['vram_growth_mib']} MiB, "
-                         f"RSS growth {q['rss_growth_mib']} MiB")
+                         f"RSS growth {q['rss_growth_mib']} MiB; median seconds of each node over the runs it "
+                         "executed in (not served from ComfyUI's cache): "
+                         + ", ".join(f"{k} {v:.2f} ({q.get('node_runs', {}).get(k, '?')}×)" for k, v in
+                                     sorted(q.get("median_node_s", {}).items(), key=lambda kv: -kv[1])))
         lines.append("")
     return "\n".join(lines)
 

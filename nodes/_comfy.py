@@ -252,13 +252,13 @@ class ComfyHost:
     @contextmanager
     def placed(self, role: str, clear_cache: bool = True, memory_required: int = 0):
         """Load the role's patcher through ComfyUI, which may load any model partially (every layer is castable);
-        the blocks of the DiT, Gemma and Jina are streamed by the engine instead where `lowvram.should_stream`
-        says so (no async offload in this ComfyUI and the model does not fit, or `newbie_stream` = on).
-        Afterwards the text encoders are unloaded unless keep_loaded."""
+        the DiT, Gemma and Jina run on the engine's pinned path instead where `lowvram.should_stream` says so
+        (text encoders released after the stage; a DiT that does not fit where ComfyUI has no async offload;
+        `newbie_stream` = on). Afterwards the text encoders are unloaded unless keep_loaded."""
         patcher, wrapper = self._role(role)
         if role == "vae":
             recast(patcher, wrapper.model, self.vae_precision)
-        elif lowvram.should_stream(patcher, memory_required):
+        elif lowvram.should_stream(patcher, memory_required, role in ("gemma", "jina") and not self.keep_loaded):
             root = wrapper if role == "dit" else patcher.model
             budget = patcher.model_options.get("newbie_stream_budget")  # bytes of resident blocks (tests)
             with lowvram.streamed(patcher, root, role, memory_required, budget):

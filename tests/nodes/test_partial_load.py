@@ -121,6 +121,25 @@ def test_streaming_is_automatic_only_without_async_offload(pack, loaders):
     assert low.should_stream(model, 0) is False
 
 
+def test_text_encoders_released_after_their_stage_take_the_pinned_path_on_cuda(pack):
+    """A model unloaded right after its stage (text encoders, keep_loaded off) uploads from the pinned copy and
+    releases by re-pointing on any CUDA ComfyUI; kept models and CPU devices stay on ComfyUI's path; the
+    loader's override wins both ways."""
+    from types import SimpleNamespace
+
+    low = pack.nodes._comfy_lowvram
+
+    def patcher(device, **options):
+        return SimpleNamespace(load_device=torch.device(device), model_options=options, patches={})
+
+    assert low.should_stream(patcher("cuda:0"), 0, released_after=True) is True
+    assert low.should_stream(patcher("cpu"), 0, released_after=True) is False
+    assert low.should_stream(patcher("cuda:0", newbie_stream="off"), 0, released_after=True) is False
+    lora = patcher("cuda:0")
+    lora.patches = {"w": [1]}  # ComfyUI applies patches itself
+    assert low.should_stream(lora, 0, released_after=True) is False
+
+
 def test_a_model_evicted_by_another_load_still_runs_and_purge_releases_everything(pack, loaders, comfyui, budget):
     mm, c = comfyui.mm, pack.nodes._comfy
     enc, model, vae = loaders.text_encoders(precision="fp32"), loaders.dit(precision="fp32"), loaders.vae("fp32")
