@@ -4,7 +4,7 @@ measured as users run them.
     COMFYUI_DIR=/path/to/ComfyUI python benchmarks/comfy_workflow_bench.py --all --out benchmarks/results
     COMFYUI_DIR=... python benchmarks/comfy_workflow_bench.py --quick --device cpu --out /tmp/x   # CPU plumbing
 
-One run = one ComfyUI memory setting (ComfyUI reads its flags at import): `--comfy-args "--lowvram"`,
+One run = one ComfyUI memory setting (ComfyUI reads its flags at import): `--comfy-args=--lowvram`,
 `--comfy-args "--reserve-vram 2"`, `--card-gib 8` (a smaller card: torch.cuda.set_per_process_memory_fraction).
 `--all` runs the standard settings each in its own process and writes one report. Per workflow: per-node wall
 time, whole-graph peak allocated/reserved VRAM, DiT s/step (median step interval), the final latent's relative
@@ -33,7 +33,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests" / "integ
 GiB, MiB = 2**30, 2**20
 WORKFLOWS = ["newbie_basic_t2i", "newbie_low_vram", "newbie_precision_swap", "newbie_xml_multi_character",
              "newbie_interop_core_nodes"]
-SETTINGS = {"default": [], "lowvram": ["--comfy-args", "--lowvram"], "reserve-vram-2": ["--comfy-args", "--reserve-vram 2"],
+SETTINGS = {"default": [], "lowvram": ["--comfy-args=--lowvram"], "reserve-vram-2": ["--comfy-args=--reserve-vram 2"],
             "card-8gb": ["--card-gib", "8"], "card-6gb": ["--card-gib", "6"]}
 
 
@@ -356,7 +356,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--models-dir", default=None, help="where the model files are written once (default: a temp dir)")
     p.add_argument("--workflows", default=",".join(WORKFLOWS))
-    p.add_argument("--comfy-args", default="", help='ComfyUI flags for this run, e.g. "--lowvram"')
+    p.add_argument("--comfy-args", default="",
+                   help="ComfyUI flags for this run, written with '=' (the value starts with a dash): "
+                        "--comfy-args=--lowvram")
     p.add_argument("--card-gib", type=float, default=0.0, help="simulate a card of this many GiB")
     p.add_argument("--queue", type=int, default=20, help="queued generations for the growth figures (0: none)")
     p.add_argument("--size", type=int, default=1024)

@@ -111,7 +111,7 @@ def test_block_streaming_of_the_dit_gives_the_full_load_latents(pack, loaders):
     assert {n: p.data_ptr() for n, p in dm.named_parameters()} == before  # host weights back in place
 
 
-def test_streaming_is_automatic_only_without_async_offload(pack, loaders):
+def test_streaming_is_automatic_only_on_cuda_and_the_loader_option_overrides(pack, loaders):
     low = pack.nodes._comfy_lowvram
     model = loaders.dit(precision="fp32", attention="sdpa")
     assert low.should_stream(model, 0) is False  # CPU device: ComfyUI's own path
@@ -138,6 +138,13 @@ def test_text_encoders_released_after_their_stage_take_the_pinned_path_on_cuda(p
     lora = patcher("cuda:0")
     lora.patches = {"w": [1]}  # ComfyUI applies patches itself
     assert low.should_stream(lora, 0, released_after=True) is False
+    real = low.dynamic_vram
+    low.dynamic_vram = lambda: True  # newest ComfyUI plans every allocation itself
+    try:
+        assert low.should_stream(patcher("cuda:0"), 0, released_after=True) is False
+        assert low.should_stream(patcher("cuda:0", newbie_stream="on"), 0) is True
+    finally:
+        low.dynamic_vram = real
 
 
 def test_a_model_evicted_by_another_load_still_runs_and_purge_releases_everything(pack, loaders, comfyui, budget):
