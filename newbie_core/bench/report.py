@@ -62,6 +62,25 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bar_panel(draw, x0: int, y0: int, title: str, rows: list[tuple[str, float, float | None]], color,
+              vmax: float | None = None, width: int = 360, row_h: int = 44, label_x: int | None = None,
+              fmt: str = "{:.2f}") -> None:
+    """One horizontal bar chart on a Pillow `draw`: `title` at (x0, y0), then a bar per (label, value, target)
+    row (a red line at the target when given); labels at `label_x` (None: no labels). `vmax`: the full bar."""
+    draw.text((x0, y0), title, fill="black")
+    vmax = vmax or max([v for _, v, _ in rows] + [t for *_, t in rows if t is not None] + [1e-9])
+    for i, (label, value, target) in enumerate(rows):
+        y = y0 + 24 + row_h * i
+        if label_x is not None:
+            draw.text((label_x, y + 8), label, fill="black")
+        w = int(width * value / vmax)
+        draw.rectangle([x0, y, x0 + w, y + row_h - 16], fill=color)
+        draw.text((x0 + w + 4, y + 8), fmt.format(value), fill="black")
+        if target is not None:
+            tx = x0 + int(width * target / vmax)
+            draw.line([tx, y - 2, tx, y + row_h - 14], fill=(200, 0, 0), width=2)
+
+
 def chart(result: dict, path: Path) -> None:
     """Two bar charts side by side: peak VRAM per mode (with targets) and end-to-end seconds per mode."""
     from PIL import Image, ImageDraw
@@ -70,22 +89,9 @@ def chart(result: dict, path: Path) -> None:
     img = Image.new("RGB", (1000, 70 + 44 * max(1, len(gens))), "white")
     d = ImageDraw.Draw(img)
     d.text((10, 8), f"NewBie staged — {result['environment']['gpu']} — 1024², CFG 4, 28 steps", fill="black")
-    panels = (("peak allocated VRAM (GiB)", "peak_alloc_gib", 20, (70, 110, 200)),
-              ("end-to-end seconds", "seconds", None, (220, 130, 50)))
-    for p, (title, key, _, color) in enumerate(panels):
-        x0 = 130 + p * 440
-        d.text((x0, 32), title, fill="black")
-        vmax = max([r[key] for r in gens.values()] + [TARGETS["staged_bf16"] if key == "peak_alloc_gib" else 0] + [1e-9])
-        for i, (name, r) in enumerate(gens.items()):
-            y = 56 + 44 * i
-            if p == 0:
-                d.text((10, y + 8), name, fill="black")
-            w = int(360 * r[key] / vmax)
-            d.rectangle([x0, y, x0 + w, y + 28], fill=color)
-            d.text((x0 + w + 4, y + 8), f"{r[key]:.2f}", fill="black")
-            if key == "peak_alloc_gib" and name in TARGETS:
-                tx = x0 + int(360 * TARGETS[name] / vmax)
-                d.line([tx, y - 2, tx, y + 30], fill=(200, 0, 0), width=2)
+    bar_panel(d, 130, 32, "peak allocated VRAM (GiB)",
+              [(n, r["peak_alloc_gib"], TARGETS.get(n)) for n, r in gens.items()], (70, 110, 200), label_x=10)
+    bar_panel(d, 570, 32, "end-to-end seconds", [(n, r["seconds"], None) for n, r in gens.items()], (220, 130, 50))
     img.save(path)
 
 
