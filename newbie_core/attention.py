@@ -12,7 +12,8 @@ flash-attn is never required. No path here syncs with the host (compile friendly
 
 RoPE (spec §1.4): per axis of width d, `freq_k = theta^(-2k/d)`; angles are computed in float64 and
 rounded to fp32 (as the official table), cos/sin in fp32; rotation of adjacent pairs (2i, 2i+1) as
-complex numbers, done with real fp32 arithmetic and cast back to the input dtype.
+complex numbers in fp32 (eager: a complex multiply as the official code; compiled: the real formula),
+cast back to the input dtype.
 """
 from __future__ import annotations
 
@@ -175,9 +176,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate adjacent pairs (2i, 2i+1) of the last dim of `x` by the angles behind `cos`/`sin`.
 
     `cos`/`sin` have last dim `x.shape[-1]/2` and broadcast against `x.shape[:-1]`. Computed in fp32,
-    returned in `x`'s dtype.
+    returned in `x`'s dtype. Eager: one complex multiply, the official code's own operation (3 kernels
+    instead of the real formula's 9); under torch.compile: the real formula, which inductor fuses into one
+    kernel (it leaves complex operations unfused). Both give the same numbers on the CPU (tests/core/test_dit.py);
+    a GPU's complex kernel may round differently by an fp32 ulp (as the official code's does).
     """
     xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    if torch.compiler.is_compiling():
+        x0, x1 = xf[..., 0], xf[..., 1]
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    else:
+        out = torch.view_as_real(torch.view_as_complex(xf.contiguous()) * torch.complex(cos, sin))
     return out.flatten(-2).to(x.dtype)

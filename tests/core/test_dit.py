@@ -223,6 +223,22 @@ def test_flash_backend_logic_with_fake_kernel(monkeypatch):
     torch.testing.assert_close(attention(q, k, v, backend="flash"), sdpa_attention(q, k, v))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_eager_complex_multiply_and_compiled_real_formula_give_the_same_numbers(dtype, monkeypatch):
+    """apply_rope runs one complex multiply in eager mode and the real formula under torch.compile (inductor
+    fuses only the latter): identical results, for contiguous and strided inputs."""
+    torch.manual_seed(0)
+    pos = torch.randint(0, 40, (2, 50, 3))
+    cos, sin = (t[:, :, None] for t in rope_cos_sin(pos, (32, 32, 32)))
+    x = torch.randn(2, 50, 3, 96).to(dtype)
+    strided = torch.randn(2, 50, 6, 96).to(dtype)[:, :, ::2]  # a view, as a split of fused heads can be
+    eager = [apply_rope(t, cos, sin) for t in (x, strided)]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    compiled_formula = [apply_rope(t, cos, sin) for t in (x, strided)]
+    for a, b in zip(eager, compiled_formula):
+        assert a.dtype == dtype and torch.equal(a, b)
+
+
 def test_rope_matches_complex_rotation():
     pos = torch.tensor([[[0, 0, 0], [3, 1, 2], [17, 5, 9]]])
     cos, sin = rope_cos_sin(pos, (4, 6, 6))
