@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -219,10 +219,13 @@ class PinnedArena:
     Page-locked ("pinned") memory lets host→device copies run at full bus speed and asynchronously (needed for
     the copy/compute overlap above). The buffer is an ordinary CPU allocation registered with CUDA
     (`cudaHostRegister`), not the caching host allocator, which rounds each block up to a power of two.
-    Without CUDA the arena is plain memory. `close()` unregisters it (also on garbage collection).
+    Without CUDA (or with `pin=False`: the host's pinned-memory budget is spent) the arena is plain memory:
+    copies from it work, synchronously. `close()` unregisters it (also on garbage collection) and then calls
+    `on_close` once, if the buffer was registered (a host's pinned-memory accounting).
     """
 
-    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+    def __init__(self, tensors: Sequence[torch.Tensor], pin: bool = True,
+                 on_close: Callable[[], None] | None = None) -> None:
         offsets, size = [], 0
         for t in tensors:
             offsets.append(size)
@@ -234,9 +237,10 @@ class PinnedArena:
             v.copy_(t)
             self.views.append(v)
         self.registered = False
-        if torch.cuda.is_available():
+        if pin and torch.cuda.is_available():
             err = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.buffer.numel(), 0)
             self.registered = int(getattr(err, "value", err)) == 0
+        self._on_close = on_close if self.registered else None
 
     def absorb(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
         """The arena's views for `tensors` (the same tensors, in the order the arena was built from), after
@@ -258,6 +262,9 @@ class PinnedArena:
         if self.registered:
             torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
             self.registered = False
+        if self._on_close is not None:
+            self._on_close, done = None, self._on_close
+            done()
 
     def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order varies
         try:

@@ -314,7 +314,7 @@ def purge_all() -> None:
     """Unload every model through ComfyUI, collect garbage, then empty the device caches (that order)."""
     mm.unload_all_models()
     for p in list(_PACK_PATCHERS.values()):
-        lowvram.unpin(p)  # page-locked DiT block copies go back to ordinary memory
+        lowvram.unpin(p)  # page-locked block copies (DiT, Gemma, Jina) go back to ordinary memory
     gc.collect()
     empty_device_cache()
     mm.soft_empty_cache(True)

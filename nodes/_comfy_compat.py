@@ -56,3 +56,23 @@ def cast_bias_weight(layer, x, **kwargs):
         return comfy.ops.cast_bias_weight(layer, x, offloadable=True, **kwargs)
     weight, bias = comfy.ops.cast_bias_weight(layer, x, **kwargs)
     return weight, bias, None
+
+
+def reserve_pinned(nbytes: int) -> bool:
+    """Whether the pack may page-lock `nbytes` more host memory, counted in ComfyUI's own pinned-memory budget
+    where it has one (≥ 0.4: `MAX_PINNED_MEMORY`, 95 % of RAM on Linux, 45 % on Windows, 0 with
+    `--disable-pinned-memory`), so ComfyUI's pins and ours never lock more than it allows. 0.3.64 has no
+    budget: always allowed. A True answer has counted the bytes; give them back with `release_pinned`."""
+    limit = getattr(mm, "MAX_PINNED_MEMORY", None)
+    if limit is None:
+        return True
+    if limit <= 0 or mm.TOTAL_PINNED_MEMORY + nbytes > limit:
+        return False
+    mm.TOTAL_PINNED_MEMORY += nbytes
+    return True
+
+
+def release_pinned(nbytes: int) -> None:
+    """Give back bytes counted by `reserve_pinned` (no-op where ComfyUI keeps no pinned-memory budget)."""
+    if getattr(mm, "MAX_PINNED_MEMORY", None) is not None:
+        mm.TOTAL_PINNED_MEMORY = max(0, mm.TOTAL_PINNED_MEMORY - nbytes)

@@ -25,7 +25,7 @@ import comfy.ops
 from ..newbie_core.fp8 import Fp8Linear
 from ..newbie_core.loading import STREAMED_BLOCKS
 from ..newbie_core.streaming import LayerStreamer, PinnedArena, block_nbytes, resident_for_budget
-from ._comfy_compat import CAST_TAKES_OFFLOADABLE, cast_bias_weight, dynamic_vram
+from ._comfy_compat import CAST_TAKES_OFFLOADABLE, cast_bias_weight, dynamic_vram, release_pinned, reserve_pinned
 
 log = logging.getLogger("newbie")
 # Feature test, not a version test: ComfyUI ≥ 0.4 pins offloaded weights and casts them on an offload stream
@@ -199,10 +199,17 @@ def _pin_blocks(patcher, blocks) -> None:
         return
     tensors = [(m, n, k, t) for b in blocks for m, n, k, t in _tensors(b)]
     arena = getattr(patcher, "newbie_arena", None)
-    views = arena.absorb([t for *_, t in tensors]) if arena is not None and arena.registered else None
+    views = arena.absorb([t for *_, t in tensors]) if arena is not None else None
     if views is None:
         unpin(patcher)
-        arena = PinnedArena([t for *_, t in tensors])
+        nbytes = sum(t.numel() * t.element_size() for *_, t in tensors)
+        counted = reserve_pinned(nbytes)
+        arena = PinnedArena([t for *_, t in tensors], pin=counted, on_close=lambda: release_pinned(nbytes))
+        if counted and not arena.registered:
+            release_pinned(nbytes)  # CUDA refused the registration
+        if not arena.registered:
+            log.warning("NewBie: %.2f GiB of weights stream from ordinary memory, slower (ComfyUI's pinned-memory "
+                        "budget is spent, --disable-pinned-memory, or CUDA refused to pin).", nbytes / 2**30)
         views = arena.views
     for (m, n, k, _), v in zip(tensors, views):
         if k == "p":
@@ -219,7 +226,7 @@ def _tensors(block):
 
 
 def unpin(patcher) -> None:
-    """Release the page-locked registration of a DiT's pinned block copies (Memory Purge); weights stay."""
+    """Release the page-locked registration of a model's pinned block copies (Memory Purge); weights stay."""
     arena = getattr(patcher, "newbie_arena", None)
     if arena is not None:
         arena.close()

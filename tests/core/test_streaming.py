@@ -148,3 +148,16 @@ def test_pinned_arena_absorbs_tensors_a_host_moved_and_refuses_another_layout():
     assert arena.absorb(current[:2]) is None  # fewer tensors
     assert arena.absorb([current[0], torch.randn(6), current[2]]) is None  # another shape
     assert arena.absorb([current[0], current[1], current[2].float()]) is None  # another dtype
+
+
+def test_unpinned_arena_still_serves_copies_and_never_reports_a_release():
+    """pin=False (the host's pinned budget is spent): plain memory with the same views; `on_close` is only for
+    registered buffers, so closing it gives nothing back."""
+    from newbie_core.streaming import PinnedArena
+
+    closed = []
+    t = torch.randn(8)
+    arena = PinnedArena([t], pin=False, on_close=lambda: closed.append(1))
+    assert not arena.registered and torch.equal(arena.views[0], t)
+    arena.close()
+    assert closed == []

@@ -67,3 +67,20 @@ def test_free_memory_prefers_the_patchers_count(comfyui, guards):
     dev = comfyui.mm.get_torch_device()
     assert guards.free_memory(dev, NewerPatcher()) == 12345
     assert guards.free_memory(dev, OlderPatcher()) == pytest.approx(comfyui.mm.get_free_memory(dev), rel=0.05)
+
+
+def test_pinned_memory_counts_in_comfyuis_budget_where_it_has_one(comfyui, pack, monkeypatch):
+    """ComfyUI ≥ 0.4 caps page-locked memory (MAX_PINNED_MEMORY; 0 with --disable-pinned-memory): the pack's
+    pinned copies are counted in it and refused beyond it; 0.3.64 has no cap (simulated both ways here)."""
+    compat, mm = pack.nodes._comfy_compat, comfyui.mm
+    monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", 100, raising=False)
+    monkeypatch.setattr(mm, "TOTAL_PINNED_MEMORY", 30, raising=False)  # ComfyUI's own pins
+    assert compat.reserve_pinned(60) and mm.TOTAL_PINNED_MEMORY == 90
+    assert not compat.reserve_pinned(20) and mm.TOTAL_PINNED_MEMORY == 90  # over the cap: stream unpinned
+    compat.release_pinned(60)
+    assert mm.TOTAL_PINNED_MEMORY == 30
+    monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", -1)  # --disable-pinned-memory
+    assert not compat.reserve_pinned(1)
+    monkeypatch.delattr(mm, "MAX_PINNED_MEMORY")  # 0.3.64: no budget
+    assert compat.reserve_pinned(10**15)
+    compat.release_pinned(10**15)  # a no-op there
