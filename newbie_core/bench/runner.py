@@ -1,20 +1,22 @@
 """The benchmark sequence: DiT step variants, then whole generations per mode, extra points, VRAM growth.
 
 Modes (spec of the performance issue): naive (everything resident in bf16, eager, one masked SDPA call over
-the padded CFG batch, the official RMSNorm sequence: the reference code's arithmetic) is the in-run baseline; staged bf16 (the default); fp8 weights (DiT + Gemma, scaled fp8 matmuls where the GPU has them);
-low-VRAM (streamed blocks, tiled decode); compile (staged bf16 with the DiT compiled).
+the padded CFG batch, the official RMSNorm sequence: the reference code's arithmetic, injected by
+`reference_dit`) is the in-run baseline; staged bf16 (the default); fp8 weights (DiT + Gemma, scaled fp8
+matmuls where the GPU has them); low-VRAM (streamed blocks, tiled decode); compile (staged bf16, DiT compiled).
 """
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
 
+from ..attention import attention
+from ..dit import NextDiT
 from ..fp8 import enable_fp8_matmul, fp8_matmul_supported
 from ..memory import GiB
-from ..ops import set_fused_norms
+from ..ops import ReferenceOps
 from ..pipeline import GenerationSettings, Pipeline
 from ..precision import parse_precision
 from .measure import dit_inputs, dit_step, parity, purge, run_generation
@@ -29,17 +31,20 @@ MIN_BF16_TOL = 5e-3
 MODES = ("naive", "staged_bf16", "fp8", "lowvram", "compile")
 
 
-@contextmanager
-def reference_arithmetic(dit):
-    """The naive baseline's DiT arithmetic inside the block: one masked SDPA call over the padded CFG batch and
-    the official two-rounding RMSNorm (the reference code's); packed attention and fused norms after it."""
-    dit.packed_attention = False
-    set_fused_norms(dit, False)
-    try:
-        yield dit
-    finally:
-        dit.packed_attention = True
-        set_fused_norms(dit, True)
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask=None) -> torch.Tensor:
+    """The reference code's attention: one SDPA call over the padded batch with a boolean key mask (no
+    `supports_key_prefix`, so the DiT gives it the mask instead of packing real tokens first)."""
+    return attention(q, k, v, key_mask, backend="sdpa")
+
+
+def reference_dit(dit: NextDiT) -> NextDiT:
+    """The naive baseline's DiT: a NextDiT built with the reference code's arithmetic injected (`ReferenceOps`:
+    the official two-rounding RMSNorm; `masked_sdpa`) that holds the very same Parameter objects as `dit`, so
+    placing `dit`'s weights (its StagedModel) places these too. Nothing of `dit` is changed."""
+    ref = NextDiT(dit.config, operations=ReferenceOps, attention=masked_sdpa, device="meta")
+    ref.load_state_dict(dit.state_dict(keep_vars=True), assign=True)
+    ref.compute_dtype = dit.compute_dtype
+    return ref.eval().requires_grad_(False)
 
 
 def _step(record: dict, name: str, forward, inputs, device, ref=None, tol=None, runs=5) -> dict:
@@ -61,14 +66,14 @@ def dit_steps(staged: dict, device: torch.device, quick: bool, budgets_gib: list
     cap = 24 if quick else 256
     rec: dict = {}
     bf16, fp8 = parse_precision("bf16", "dit"), parse_precision("fp8_e4m3fn", "dit")
-    with reference_arithmetic(dit_w):
-        dit.acquire(device, bf16)
-        plain = dit_inputs(dit_w, device, latent_hw=hw, cap_len=cap, uncond_len=min(40, cap // 2))
-        ref = _step(rec, "naive_eager_bf16", dit_w, plain, device)["out"]
-        dit.release()
-        dit.acquire(device, parse_precision("fp32", "dit"))
-        args32 = tuple(a.float() if a.is_floating_point() else a for a in plain[0])
-        ref32 = _step(rec, "eager_fp32_reference", dit_w, (args32, plain[1]), device, runs=1)["out"]
+    naive_w = reference_dit(dit_w)
+    dit.acquire(device, bf16)
+    plain = dit_inputs(naive_w, device, latent_hw=hw, cap_len=cap, uncond_len=min(40, cap // 2))
+    ref = _step(rec, "naive_eager_bf16", naive_w, plain, device)["out"]
+    dit.release()
+    dit.acquire(device, parse_precision("fp32", "dit"))
+    args32 = tuple(a.float() if a.is_floating_point() else a for a in plain[0])
+    ref32 = _step(rec, "eager_fp32_reference", naive_w, (args32, plain[1]), device, runs=1)["out"]
     bf16_err = parity(ref, ref32)["rel_l2_diff"]
     rec["naive_eager_bf16"].update(parity(ref, ref32))
     tol = max(2 * bf16_err, MIN_BF16_TOL)
@@ -129,12 +134,13 @@ def generations(staged: dict, device: torch.device, settings: GenerationSettings
     for _, m in staged.values():
         m.cpu_only = ()
     try:
-        with reference_arithmetic(staged["dit"][0]):
-            pipe = new_pipeline(staged, device, keep_loaded=True, precision={"vae": "bf16"})
-            for role in staged:
-                pipe._acquire(role)
-            naive = run_generation(pipe, settings, PROMPT)
-            purge(pipe)
+        naive_models = {**staged, "dit": (reference_dit(staged["dit"][0]), staged["dit"][1])}
+        pipe = new_pipeline(naive_models, device, keep_loaded=True, precision={"vae": "bf16"})
+        for role in naive_models:
+            with pipe.placed(role):  # keep_loaded: every model stays resident for the whole run
+                pass
+        naive = run_generation(pipe, settings, PROMPT)
+        purge(pipe)
     finally:
         for r, (_, m) in staged.items():
             m.cpu_only = saved[r]
