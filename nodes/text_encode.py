@@ -53,8 +53,9 @@ class NewBieTextEncode(io.ComfyNode):
                 io.String.Input("custom_system_prompt", multiline=True, default="", optional=True,
                                 tooltip="Used when system_prompt is 'custom' (prefixed to non-empty prompts)."),
                 io.Boolean.Input("keep_loaded", default=False,
-                                 tooltip="Keep the encoders on the device after encoding (faster prompt edits, "
-                                         "more VRAM)."),
+                                 tooltip="Keep the encoders on the device after encoding (ComfyUI manages them "
+                                         "like its own models; ~7 GB more VRAM while sampling). Off: they are "
+                                         "uploaded from a pinned copy per prompt (encoding took 0.35 s on an H200)."),
             ],
             outputs=[io.Conditioning.Output(display_name="positive", tooltip="Positive conditioning."),
                      io.Conditioning.Output(display_name="negative", tooltip="Negative conditioning.")],
