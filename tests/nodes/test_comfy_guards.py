@@ -42,6 +42,21 @@ def test_text_encoder_stays_off_the_gpu_in_lowvram_under_dynamic_vram(comfyui, g
     assert guards.text_encoder_load_device() == expected
 
 
+@pytest.mark.parametrize("state", ["LOW_VRAM", "NO_VRAM", "NORMAL_VRAM"])
+def test_text_encoders_stream_on_the_gpu_in_lowvram_without_dynamic_vram(comfyui, guards, monkeypatch, state):
+    """0.3.64/0.4.0 put text encoders on the CPU under --lowvram; ours stream on the GPU there (--novram and the
+    other modes keep ComfyUI's choice)."""
+    mm = comfyui.mm
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(mm, "get_torch_device", lambda: gpu)
+    monkeypatch.setattr(mm, "text_encoder_device", lambda: cpu if state != "NORMAL_VRAM" else gpu)
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState[state])
+    assert not guards.dynamic_vram()
+    assert guards.text_encoder_load_device() == (cpu if state == "NO_VRAM" else gpu)
+    monkeypatch.setattr(mm, "get_torch_device", lambda: cpu)  # a CPU-only ComfyUI: nothing to stream to
+    assert guards.text_encoder_load_device() == (cpu if state != "NORMAL_VRAM" else gpu)
+
+
 def test_text_encoder_patcher_uses_the_guarded_device(comfyui, guards, monkeypatch):
     monkeypatch.setattr(guards, "text_encoder_load_device", lambda: torch.device("meta"))
     patcher = guards.module_patcher(torch.nn.Linear(2, 2), "text", "guard test")
