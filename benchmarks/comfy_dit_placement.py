@@ -15,8 +15,6 @@ Every row gives s/step, peak allocated GiB and, for ours, the relative differenc
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -68,6 +66,7 @@ def main() -> int:
     import comfy.model_management as mm
 
     from newbie_core.bench.measure import dit_inputs, dit_step, parity
+    from newbie_core.bench.report import slug, write_results
     from newbie_core.precision import parse_precision
 
     low = sys.modules[glue.__name__.rsplit(".", 1)[0] + "._comfy_lowvram"]
@@ -115,14 +114,11 @@ def main() -> int:
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     version = getattr(comfyui_version, "__version__", "?")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "comfy-dit-placement-" + re.sub(r"[^A-Za-z0-9.]+", "-", f"{gpu}-comfyui-{version}").strip("-").lower() \
-        + ("-quick" if args.quick else "")
-    result = {"gpu": gpu, "comfyui": version, "async_offload": low.COMFY_ASYNC_OFFLOAD, "torch": torch.__version__,
+    stem = f"comfy-dit-placement-{slug(f'{gpu}-comfyui-{version}')}" + ("-quick" if args.quick else "")
+    async_offload = sys.modules[glue.__name__.rsplit(".", 1)[0] + "._comfy_compat"].COMFY_ASYNC_OFFLOAD
+    result = {"gpu": gpu, "comfyui": version, "async_offload": async_offload, "torch": torch.__version__,
               "rows": rows}
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    lines = [f"DiT step inside ComfyUI {version} (async offload: {low.COMFY_ASYNC_OFFLOAD}), bf16, CFG batch 2, "
+    lines = [f"DiT step inside ComfyUI {version} (async offload: {async_offload}), bf16, CFG batch 2, "
              f"1024², {gpu}", "", "| way | budget GiB | s / step | × full | peak alloc GiB | rel. diff vs full |",
              "|---|---|---|---|---|---|"]
     base = rows[0]["seconds"]
@@ -131,7 +127,7 @@ def main() -> int:
         lines.append(f"| {r['way']} | {r['budget_gib']} | {'–' if s is None else f'{s:.4f}'} | "
                      f"{'–' if s is None else f'{s / base:.2f}'} | {r.get('peak_alloc_gib', '–')} | "
                      f"{r.get('rel_l2_diff', r.get('error', r.get('skipped', '–')))} |")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, stem, result, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

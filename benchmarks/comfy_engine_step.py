@@ -15,8 +15,6 @@ Writes `comfy-engine-step-<gpu>.json` and `.md`.
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -49,6 +47,7 @@ def main() -> int:
 
     from newbie_core import load_dit
     from newbie_core.bench.measure import dit_inputs, dit_step, parity
+    from newbie_core.bench.report import slug, write_results
     from newbie_core.fp8 import enable_fp8_matmul, fp8_matmul_supported
     from newbie_core.memory import StagedModel
     from newbie_core.pipeline import compile_dit
@@ -132,11 +131,7 @@ def main() -> int:
     result = {"gpu": gpu, "torch": torch.__version__, "comfyui": comfyui_version.__version__,
               "inputs": {"latent_hw": hw, "cap_len": cap, "batch": 2}, "dit_step": rows,
               "fp8_final_latent_vs_bf16": quality, "sampling": {"steps": args.steps, "solver": "euler", "cfg": 4.0}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = ("comfy-engine-step-" + re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
-            + f"-comfyui-{comfyui_version.__version__}" + ("-quick" if args.quick else ""))
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    stem = f"comfy-engine-step-{slug(gpu)}-comfyui-{comfyui_version.__version__}" + ("-quick" if args.quick else "")
     lines = [f"DiT step, CLI host vs ComfyUI host (ComfyUI {comfyui_version.__version__}), {gpu}, CFG batch 2, "
              f"latent {hw[0]}×{hw[1]}, {cap} caption tokens", "",
              "| variant | CLI s/step | ComfyUI s/step | ratio | CLI peak GiB | ComfyUI peak GiB | ComfyUI vs CLI rel. L2 |",
@@ -146,7 +141,7 @@ def main() -> int:
     lines += ["", f"fp8 final latent vs bf16 ({args.steps - 1} euler steps, CFG 4):", "",
               "| weights | rel. L2 vs bf16 | max abs |", "|---|---|---|"]
     lines += [f"| {k} | {v['rel_l2_diff']:.4f} | {v['max_abs_diff']:.3f} |" for k, v in quality.items()]
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, stem, result, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

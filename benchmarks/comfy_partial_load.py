@@ -14,9 +14,7 @@ the fully loaded output within bf16 tolerance. Writes `comfy-partial-load-<gpu>.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import sys
 import tempfile
 import types
@@ -78,6 +76,7 @@ def main() -> int:
     import comfy.model_management as mm
 
     from newbie_core.bench.measure import dit_inputs, dit_step, parity
+    from newbie_core.bench.report import slug, write_results
     from newbie_core.precision import parse_precision
 
     device = mm.get_torch_device()
@@ -106,17 +105,14 @@ def main() -> int:
         patcher.unpatch_model(device_to=patcher.offload_device, unpatch_weights=True)
         mm.soft_empty_cache()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "comfy-partial-load-" + re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower() + ("-quick" if args.quick else "")
+    stem = f"comfy-partial-load-{slug(gpu)}" + ("-quick" if args.quick else "")
     result = {"gpu": gpu, "torch": torch.__version__, "comfyui_dir": os.environ.get("COMFYUI_DIR"), "rows": rows}
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     lines = [f"ComfyUI partial loading of the NewBie DiT (bf16, CFG batch 2, 1024², 256 caption tokens), {gpu}", "",
              "| budget (GiB) | loaded (GiB) | s / step | peak alloc (GiB) | rel. diff vs full load |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['budget_gib']} | {r.get('loaded_gib', '–')} | {r['seconds']:.4f} | {r['peak_alloc_gib']:.2f} | "
                      f"{r.get('rel_l2_diff', 0):.1e} |")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, stem, result, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

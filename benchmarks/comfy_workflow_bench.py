@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -178,8 +179,8 @@ class StepClock:
         pack_sampler.stages = types.SimpleNamespace(**{**vars(stages), "sample": sample})  # only `sample` differs
 
     def seconds_per_step(self) -> float | None:
-        d = sorted(b - a for a, b in zip(self.stamps[1:], self.stamps[2:]))  # first interval: warm-up, skipped
-        return d[len(d) // 2] if d else None
+        d = [b - a for a, b in zip(self.stamps[1:], self.stamps[2:])]  # first interval: warm-up, skipped
+        return statistics.median_high(d) if d else None
 
 
 def run_prompt(executor, server, api, device, mm) -> dict:
@@ -254,7 +255,7 @@ def run(args) -> dict:
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "comfyui": getattr(__import__("comfyui_version"), "__version__", "?"), "comfy_args": args.comfy_args,
               "card_gib": args.card_gib, "torch": torch.__version__, "size": args.size, "steps": args.steps,
-              "async_offload": sys.modules[pack.__name__.rsplit(".", 1)[0] + "._comfy_lowvram"].COMFY_ASYNC_OFFLOAD,
+              "async_offload": sys.modules[pack.__name__.rsplit(".", 1)[0] + "._comfy_compat"].COMFY_ASYNC_OFFLOAD,
               "workflows": {}}
     for name in args.workflows.split(","):
         if args.quick and name == "newbie_interop_core_nodes":
@@ -293,7 +294,7 @@ def run(args) -> dict:
                            "vram_growth_mib": round(vram[-1] - vram[0], 1), "rss_mib": [round(x) for x in rss],
                            "images_per_min": round(60 * args.queue / (time.perf_counter() - t_queue), 3),
                            "text_device": args.text_device or "default",
-                           "median_node_s": {k: round(sorted(v)[len(v) // 2], 4) for k, v in per_node.items()},
+                           "median_node_s": {k: round(statistics.median_high(v), 4) for k, v in per_node.items()},
                            "node_runs": {k: len(v) for k, v in per_node.items()}}  # cached nodes do not run
     return result
 
@@ -388,16 +389,15 @@ def main(argv=None) -> int:
         if args.json_only:
             Path(args.json_only).write_text(json.dumps(results[0], indent=1))
             return 0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from newbie_core.bench.report import slug, write_results
+
     dev = next((r["device"] for r in results if r["device"] != "?"), "unknown")
     ver = next((r["comfyui"] for r in results if r["comfyui"] != "?"), "unknown")
-    stem = "comfy-workflows-" + re.sub(r"[^A-Za-z0-9.]+", "-", f"{dev}-comfyui-{ver}").strip("-").lower() \
+    stem = f"comfy-workflows-{slug(f'{dev}-comfyui-{ver}')}" \
         + ("" if args.all else "".join(f"-{t}" for t in (re.sub(r"[^a-z0-9]+", "", args.comfy_args),
                                                           f"card{args.card_gib:g}gb" if args.card_gib else "") if t)) \
         + (f"-text-{args.text_device.replace(':', '')}" if args.text_device else "") + ("-quick" if args.quick else "")
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
-    (out / f"{stem}.md").write_text(f"# NewBie workflows inside ComfyUI\n\n{markdown(results)}")
+    write_results(args.out, stem, results, f"# NewBie workflows inside ComfyUI\n\n{markdown(results)}")
     print(markdown(results))
     return 0 if all(w["ok"] for r in results for w in r["workflows"].values()) else 1
 

@@ -14,6 +14,9 @@ import comfy.ops
 # ComfyUI ≥ 0.4: the per-call weight cast takes `offloadable=` (its async offload stream) and pairs with
 # `uncast_bias_weight`; 0.3.x casts synchronously.
 CAST_TAKES_OFFLOADABLE = "offloadable" in inspect.signature(comfy.ops.cast_bias_weight).parameters
+# Feature test, not a version test: ComfyUI ≥ 0.4 pins offloaded weights and casts them on an offload stream
+# (the benchmarks report it; the pack's own placement does not depend on it).
+COMFY_ASYNC_OFFLOAD = CAST_TAKES_OFFLOADABLE and hasattr(mm, "pin_memory")
 # ComfyUI 0.3.x's low-VRAM patches dequantise through convert_weight / set_weight; 0.4's patch what they are given.
 LOWVRAM_PATCH_CONVERTS = "convert_func(" in inspect.getsource(comfy.model_patcher.LowVramPatch.__call__)
 

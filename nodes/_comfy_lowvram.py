@@ -25,12 +25,9 @@ import comfy.ops
 from ..newbie_core.fp8 import Fp8Linear
 from ..newbie_core.loading import STREAMED_BLOCKS
 from ..newbie_core.streaming import LayerStreamer, PinnedArena, block_nbytes, resident_for_budget
-from ._comfy_compat import CAST_TAKES_OFFLOADABLE, cast_bias_weight, dynamic_vram, release_pinned, reserve_pinned
+from ._comfy_compat import cast_bias_weight, dynamic_vram, release_pinned, reserve_pinned
 
 log = logging.getLogger("newbie")
-# Feature test, not a version test: ComfyUI ≥ 0.4 pins offloaded weights and casts them on an offload stream
-# (reported by the benchmarks; `should_stream` no longer depends on it: the engine streams faster on both).
-COMFY_ASYNC_OFFLOAD = CAST_TAKES_OFFLOADABLE and hasattr(mm, "pin_memory")
 _SUBCLASSES: dict[tuple, type] = {}
 
 
@@ -169,11 +166,11 @@ def should_stream(patcher, memory_required: int, released_after: bool = False) -
         return False  # ComfyUI applies patches (LoRA) itself; compiled graphs keep the resident path
     if mode == "on":
         return True
-    if patcher.load_device.type != "cuda" or dynamic_vram():
+    dev = patcher.load_device
+    if dev.type != "cuda" or dynamic_vram():
         return False
     if released_after:
         return True
-    dev = patcher.load_device
     fits = mm.get_free_memory(dev) + patcher.loaded_size() > patcher.model_size() + memory_required \
         + mm.minimum_inference_memory()
     return not (fits and mm.vram_state not in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM))

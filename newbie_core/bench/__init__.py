@@ -16,7 +16,6 @@ import datetime
 import json
 import logging
 import platform
-import re
 from pathlib import Path
 
 import torch
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..pipeline import GenerationSettings
     from . import runner
     from .models import build_models, staged_models
-    from .report import check_parity, write_reports
+    from .report import check_parity, slug, write_reports
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -65,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {**vars(settings), "note": "steps = grid points; euler → steps-1 CFG evaluations"}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "bench-" + re.sub(r"[^A-Za-z0-9]+", "-", result["environment"]["gpu"]).strip("-").lower()
-    if args.quick:
-        stem += "-quick"
+    stem = f"bench-{slug(result['environment']['gpu'])}" + ("-quick" if args.quick else "")
 
     def save() -> None:  # after every part, so a cut-off run keeps what it measured
         (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))

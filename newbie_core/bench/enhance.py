@@ -22,12 +22,12 @@ import argparse
 import datetime
 import json
 import platform
-import re
 import statistics
 import time
-from pathlib import Path
 
 import torch
+
+from .report import slug, write_results
 
 GiB = 2**30
 # google/gemma-3-4b-it's text path (spec §3.1); the tiny one is the test models' (newbie_core/tiny/text.py).
@@ -181,12 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"environment": env, "config": {"quick": args.quick, "prompt_tokens": args.prompt_tokens,
                                              "new_tokens": args.new_tokens, "repeats": args.repeats},
               "modes": results}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-") or "cpu"
-    (out / f"enhance-{slug}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    (out / f"enhance-{slug}.md").write_text(markdown(result), encoding="utf-8")
-    print(f"wrote {out / f'enhance-{slug}.json'} and .md")
+    path = write_results(args.out, f"enhance-{slug(env['device']) or 'cpu'}", result, markdown(result))
+    print(f"wrote {path} and .md")
     return 1 if any("error" in r for r in results) else 0
 
 

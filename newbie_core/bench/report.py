@@ -1,9 +1,26 @@
 """Benchmark results → a markdown table (for the README) and a PNG bar chart (drawn with Pillow)."""
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 TARGETS = {"staged_bf16": 7.5, "fp8": 4.0, "lowvram": 2.0}  # GiB, peak allocated, whole pipeline
+
+
+def slug(label: str) -> str:
+    """`label` (a GPU name, a ComfyUI version) as a lower-case file-name part: runs of anything but letters,
+    digits and dots become one dash."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", label).strip("-").lower()
+
+
+def write_results(out_dir: str | Path, stem: str, result, markdown_text: str) -> Path:
+    """Write a benchmark's `<stem>.json` and `<stem>.md` under `out_dir` (created); returns the JSON's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+    (out / f"{stem}.md").write_text(markdown_text, encoding="utf-8")
+    return out / f"{stem}.json"
 
 
 def check_parity(result: dict) -> list[str]:
