@@ -267,6 +267,19 @@ class ComfyServer:
     def interrupt(self, prompt_id: str | None = None) -> None:
         self._post("/interrupt", {"prompt_id": prompt_id} if prompt_id else {}).raise_for_status()
 
+    def cancel_after_progress(self, api_graph: dict, node: str, what: str, wait: float = 120.0,
+                              timeout: float = 60.0) -> tuple[str, list[tuple[str, dict]]]:
+        """Queue `api_graph`, wait (up to `wait` s) for a progress event of `node`, press Cancel (/interrupt) and
+        return (prompt id, the prompt's events) once it ended. `what` names the progress in the failure message."""
+        with self.listen() as ws:
+            pid = self.queue_prompt(api_graph, client_id=ws.client_id)
+            deadline = time.monotonic() + wait
+            while not any(t == "progress" and d.get("node") == node for t, d in ws.for_prompt(pid)):
+                assert time.monotonic() < deadline, f"no {what} progress: {ws.for_prompt(pid)}\n{self.log_tail()}"
+                time.sleep(0.02)
+            self.interrupt(pid)
+            return pid, ws.wait_done(pid, timeout=timeout)
+
     def free(self, unload_models: bool = True, free_memory: bool = True) -> None:
         """POST /free: sets flags that the prompt worker acts on when it is idle (asynchronous)."""
         self._post("/free", {"unload_models": unload_models, "free_memory": free_memory}).raise_for_status()

@@ -3,7 +3,6 @@ cache, the purge report and model-file errors. One session server (`comfy`, tiny
 from __future__ import annotations
 
 import json
-import time
 import uuid
 
 import pytest
@@ -84,14 +83,7 @@ def test_workflow_templates_are_listed_and_served(comfy):
 # ------------------------------------------------------------------------------------------ cancel
 def test_cancel_mid_sampling_then_server_still_works(comfy):
     graph = pipeline(positive=f"cancel test {uuid.uuid4().hex}", steps=200, size=256, solver="euler")
-    with comfy.listen() as ws:
-        pid = comfy.queue_prompt(graph, client_id=ws.client_id)
-        deadline = time.monotonic() + 120
-        while not any(t == "progress" and d.get("node") == "5" for t, d in ws.for_prompt(pid)):
-            assert time.monotonic() < deadline, f"no sampler progress: {ws.for_prompt(pid)}\n{comfy.log_tail()}"
-            time.sleep(0.02)
-        comfy.interrupt(pid)
-        events = ws.wait_done(pid, timeout=60)
+    pid, events = comfy.cancel_after_progress(graph, "5", "sampler")
     types = [t for t, _ in events]
     assert "execution_interrupted" in types and "execution_success" not in types, types
     ticks = [d for t, d in events if t == "progress" and d.get("node") == "5"]

@@ -3,7 +3,6 @@ runs, its prompt reaches Text Encode, the report carries the linter's verdict, a
 prompt cache, and Cancel during generation stops the node with the server still healthy."""
 from __future__ import annotations
 
-import time
 import uuid
 
 from test_workflows import TEST_NEW_TOKENS, nodes_of, png_size, workflow_api
@@ -36,14 +35,7 @@ def test_enhance_workflow_feeds_text_encode_and_reports_the_lint(comfy):
 
 def test_cancel_during_generation_then_server_still_works(comfy):
     api, enh, _ = enhance_graph(comfy, f"cancel me {uuid.uuid4().hex}", max_new_tokens=2000)
-    with comfy.listen() as ws:
-        pid = comfy.queue_prompt(api, client_id=ws.client_id)
-        deadline = time.monotonic() + 180
-        while not any(t == "progress" and d.get("node") == enh for t, d in ws.for_prompt(pid)):
-            assert time.monotonic() < deadline, f"no token progress: {ws.for_prompt(pid)}\n{comfy.log_tail()}"
-            time.sleep(0.02)
-        comfy.interrupt(pid)
-        events = ws.wait_done(pid, timeout=60)
+    _, events = comfy.cancel_after_progress(api, enh, "token", wait=180)
     types = [t for t, _ in events]
     assert "execution_interrupted" in types and "execution_success" not in types, types
     (interrupted,) = [d for t, d in events if t == "execution_interrupted"]
