@@ -60,7 +60,7 @@ def _shapes(factory) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in factory().state_dict().items()}
 
 
-def full_size_models(device: torch.device, tokenizer_paths: ModelPaths, seed: int = 0) -> dict[str, LoadedRole]:
+def full_size_models(device: torch.device, tokenizer_paths: ModelPaths, seed: int = 0) -> dict[str, tuple]:
     """Random full-size DiT, Gemma3-4B text model, Jina v2 text tower and FLUX VAE (bf16, on the CPU).
 
     Tokenizers come from `tokenizer_paths` (the tiny set): token ids only need to be valid, not meaningful.
