@@ -212,8 +212,11 @@ class ComfyHost:
     progress bar + latent preview every sampler interval; ComfyUI's interrupt; the pack's messages on failure.
 
     Built per node call from what the node received: `text_encoders` (NEWBIE_TEXT_ENCODERS), `model` (MODEL),
-    `vae` (NEWBIE_VAE) with the decode's `vae_precision`. Text encoders are unloaded after their stage unless
-    `keep_loaded`; the DiT and the VAE stay loaded for ComfyUI to evict when it needs the memory (as core does).
+    `vae` (NEWBIE_VAE) with the decode's `vae_precision`. Unless `keep_loaded` (the node's option), the text
+    encoders and the DiT are released after their stage, as in the CLI: on a CUDA ComfyUI without dynamic VRAM
+    they run from the engine's pinned copy (next use uploads from it), so the whole graph peaks at its largest
+    stage, not DiT + VAE decode. Kept models (every model under --highvram/--gpu-only), a LoRA-patched or
+    compiled DiT and the VAE stay loaded for ComfyUI to evict when it needs the memory.
     """
 
     name = "comfyui"
@@ -221,7 +224,8 @@ class ComfyHost:
     def __init__(self, text_encoders=None, model=None, vae=None, vae_precision: Precision | None = None,
                  keep_loaded: bool = False):
         self.enc, self.model, self.vae, self.vae_precision = text_encoders, model, vae, vae_precision
-        self.keep_loaded = keep_loaded
+        # --highvram / --gpu-only: ComfyUI keeps every model on the GPU, whatever the node's option
+        self.keep_loaded = keep_loaded or mm.vram_state == mm.VRAMState.HIGH_VRAM
         self.output_device = mm.intermediate_device()
 
     def _role(self, role: str):
@@ -253,12 +257,13 @@ class ComfyHost:
     def placed(self, role: str, clear_cache: bool = True, memory_required: int = 0):
         """Load the role's patcher through ComfyUI, which may load any model partially (every layer is castable);
         the DiT, Gemma and Jina run on the engine's pinned path instead where `lowvram.should_stream` says so
-        (text encoders released after the stage; a DiT that does not fit where ComfyUI has no async offload;
-        `newbie_stream` = on). Afterwards the text encoders are unloaded unless keep_loaded."""
+        (models released after the stage, i.e. not keep_loaded; a DiT that does not fit; `newbie_stream` = on).
+        On ComfyUI's path the text encoders are unloaded afterwards unless keep_loaded; the DiT stays (LoRA
+        patches and compiled graphs are ComfyUI's to keep)."""
         patcher, wrapper = self._role(role)
         if role == "vae":
             recast(patcher, wrapper.model, self.vae_precision)
-        elif lowvram.should_stream(patcher, memory_required, role in ("gemma", "jina") and not self.keep_loaded):
+        elif lowvram.should_stream(patcher, memory_required, released_after=not self.keep_loaded):
             root = wrapper if role == "dit" else patcher.model
             budget = patcher.model_options.get("newbie_stream_budget")  # bytes of resident blocks (tests)
             with lowvram.streamed(patcher, root, role, memory_required, budget):

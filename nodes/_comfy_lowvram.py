@@ -153,17 +153,21 @@ def should_stream(patcher, memory_required: int, released_after: bool = False) -
     uploaded from one pinned host copy, as many resident as the free memory allows, the rest streamed one ahead).
 
     On a CUDA device, unless ComfyUI manages VRAM dynamically (then every allocation is ComfyUI's to plan):
-    * `released_after` (text encoders without keep_loaded, unloaded right after their stage): always. It uploads
-      from pinned memory and releases by pointing the weights back at that copy, where ComfyUI's unload copies
-      every weight back into fresh pageable memory (seconds for Gemma, at every prompt).
+    * `released_after` (a model whose node has keep_loaded off: text encoders, and the DiT since it is released
+      after sampling as in the CLI): always. It uploads from pinned memory and releases by pointing the
+      weights back at that copy, where ComfyUI's unload copies every weight back into fresh pageable memory
+      (seconds for Gemma, at every prompt).
     * otherwise when the model does not fit (or ComfyUI runs --lowvram/--novram), on every ComfyUI version: on
       an H200 the engine streams a DiT under 2 GiB at 1.02–1.04× its full-load step, ComfyUI's partial load at
       1.5–1.7× (0.3.64) and 1.23–1.33× (0.4.0 with its async offload; its own native model 1.15× at 3 GiB).
     `model_options["newbie_stream"]` (auto/on/off) overrides; LoRA-patched and compiled models keep ComfyUI's
-    path."""
+    path. A model whose home (offload device) is the GPU (`--highvram` DiT, `--gpu-only`) is never streamed from
+    a host copy; under those flags `ComfyHost` releases nothing after its stage either."""
     mode = stream_mode(patcher)
     if mode == "off" or patcher.patches or patcher.model_options.get("newbie_compile"):
         return False  # ComfyUI applies patches (LoRA) itself; compiled graphs keep the resident path
+    if getattr(patcher, "offload_device", torch.device("cpu")).type != "cpu":
+        return False  # its weights live on the device (--highvram DiT, --gpu-only): nothing to stream from
     if mode == "on":
         return True
     dev = patcher.load_device

@@ -135,6 +135,9 @@ def test_text_encoders_released_after_their_stage_take_the_pinned_path_on_cuda(p
     assert low.should_stream(patcher("cuda:0"), 0, released_after=True) is True
     assert low.should_stream(patcher("cpu"), 0, released_after=True) is False
     assert low.should_stream(patcher("cuda:0", newbie_stream="off"), 0, released_after=True) is False
+    on_gpu = patcher("cuda:0", newbie_stream="on")
+    on_gpu.offload_device = torch.device("cuda:0")  # --highvram DiT / --gpu-only: no host copy to stream from
+    assert low.should_stream(on_gpu, 10**15, released_after=True) is False
     lora = patcher("cuda:0")
     lora.patches = {"w": [1]}  # ComfyUI applies patches itself
     assert low.should_stream(lora, 0, released_after=True) is False
@@ -201,3 +204,31 @@ def test_block_streaming_of_the_text_encoders_gives_the_same_features(pack, load
             p.model_options.pop("newbie_stream"), p.model_options.pop("newbie_stream_budget")
     assert len(counts) >= 2 and all(n > 0 for n in counts)  # Gemma and Jina each streamed their layers
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("keep_loaded", [False, True])
+def test_the_sampler_releases_the_dit_after_sampling_unless_keep_loaded(pack, loaders, monkeypatch, keep_loaded):
+    """keep_loaded off (default): the DiT's placement asks for the released-after path (on CUDA: pinned upload,
+    released when sampling ends, so VAE decoding never runs beside it); on: ComfyUI keeps it loaded."""
+    low = pack.nodes._comfy_lowvram
+    asked, real = [], low.should_stream
+
+    def spy(patcher, memory_required, released_after=False):
+        asked.append((patcher.newbie_label, released_after))
+        return real(patcher, memory_required, released_after)
+
+    monkeypatch.setattr(low, "should_stream", spy)
+    enc, model = loaders.text_encoders(precision="fp32"), loaders.dit(precision="fp32", attention="sdpa")
+    pos, neg = pack.nodes.text_encode.NewBieTextEncode.execute(
+        text_encoders=enc, positive=PROMPT + " keep", negative=NEGATIVE, system_prompt="auto", keep_loaded=False).args
+    asked.clear()
+    pack.nodes.sampler.NewBieDiTSampler.execute(model=model, positive=pos, negative=neg, steps=2, solver="euler",
+                                                keep_loaded=keep_loaded, **SETTINGS)
+    assert asked and set(asked) == {(model.newbie_label, not keep_loaded)}
+
+
+def test_highvram_keeps_every_model_loaded_whatever_the_nodes_option(pack, comfyui, monkeypatch):
+    mm = comfyui.mm
+    assert pack.nodes._comfy.ComfyHost(keep_loaded=False).keep_loaded is False
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.HIGH_VRAM)  # --highvram / --gpu-only
+    assert pack.nodes._comfy.ComfyHost(keep_loaded=False).keep_loaded is True
