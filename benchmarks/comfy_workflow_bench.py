@@ -141,13 +141,16 @@ def new_executor(execution, server):
 
 
 def api_prompt(name: str, info: dict, args, seed: int) -> dict:
-    """A bundled workflow as an API prompt with the benchmark's size/steps/solver/cfg/seed on every sampler."""
+    """A bundled workflow as an API prompt with the benchmark's size/steps/solver/cfg/seed on every sampler (and
+    keep_loaded on every node that has it, with --keep-loaded)."""
     from workflow_convert import ui_to_api
 
     api = ui_to_api(json.loads((ROOT / "workflows" / f"{name}.json").read_text()), info)
     for node in api.values():
         if node["class_type"] == "NewBieTextEncoderLoader" and args.text_device:
             node["inputs"]["device"] = args.text_device  # stage placement per node (two GPUs)
+        if args.keep_loaded and "keep_loaded" in node["inputs"]:
+            node["inputs"]["keep_loaded"] = True  # text encoders and DiT stay on the GPU between prompts
         if "sampling" in info[node["class_type"]].get("category", "").lower():
             ins = node["inputs"]
             ins.update({k: v for k, v in (("width", args.size), ("height", args.size), ("steps", args.steps),
@@ -254,7 +257,7 @@ def run(args) -> dict:
 
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "comfyui": getattr(__import__("comfyui_version"), "__version__", "?"), "comfy_args": args.comfy_args,
-              "card_gib": args.card_gib, "torch": torch.__version__, "size": args.size, "steps": args.steps,
+              "card_gib": args.card_gib, "keep_loaded": args.keep_loaded, "torch": torch.__version__, "size": args.size, "steps": args.steps,
               "async_offload": sys.modules[pack.__name__.rsplit(".", 1)[0] + "._comfy_compat"].COMFY_ASYNC_OFFLOAD,
               "workflows": {}}
     for name in args.workflows.split(","):
@@ -263,6 +266,7 @@ def run(args) -> dict:
         api = api_prompt(name, info, args, seed=1)
         r = run_prompt(executor, server, api, device, mm)
         r["dit_s_per_step"] = clock.seconds_per_step()
+        r["kept_loaded"] = sorted(n["class_type"] for n in api.values() if n["inputs"].get("keep_loaded") is True)
         if name == "newbie_basic_t2i" and r["ok"] and not args.no_cli:
             ours = clock.latent.float().cpu()
             mm.unload_all_models()
@@ -323,7 +327,8 @@ def markdown(results: list[dict]) -> str:
     lines = []
     for r in results:
         lines += [f"### {r['device']}, ComfyUI {r['comfyui']}, flags `{r['comfy_args'] or '-'}`"
-                  f"{', card ' + str(r['card_gib']) + ' GiB' if r['card_gib'] else ''} "
+                  f"{', card ' + str(r['card_gib']) + ' GiB' if r['card_gib'] else ''}"
+                  f"{', keep_loaded on' if r.get('keep_loaded') else ''} "
                   f"(async offload: {r['async_offload']}; {r['size']}², {r['steps']} euler steps, CFG 5)", "",
                   "| workflow | ok | wall s | peak alloc GiB | peak resv GiB | DiT s/step | latent rel. diff vs CLI | slowest nodes |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -365,6 +370,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--no-cli", action="store_true", help="skip the CLI latent comparison")
+    p.add_argument("--keep-loaded", action="store_true",
+                   help="keep_loaded on in every node that has it (default: the workflows' own, off)")
     p.add_argument("--text-device", default="", help="text encoder loader device, e.g. cuda:1 (two-GPU placement)")
     p.add_argument("--all", action="store_true", help="every standard memory setting, one process each")
     p.add_argument("--json-only", default=None, help=argparse.SUPPRESS)
@@ -396,7 +403,8 @@ def main(argv=None) -> int:
     stem = f"comfy-workflows-{slug(f'{dev}-comfyui-{ver}')}" \
         + ("" if args.all else "".join(f"-{t}" for t in (re.sub(r"[^a-z0-9]+", "", args.comfy_args),
                                                           f"card{args.card_gib:g}gb" if args.card_gib else "") if t)) \
-        + (f"-text-{args.text_device.replace(':', '')}" if args.text_device else "") + ("-quick" if args.quick else "")
+        + (f"-text-{args.text_device.replace(':', '')}" if args.text_device else "") \
+        + ("-keeploaded" if args.keep_loaded else "") + ("-quick" if args.quick else "")
     write_results(args.out, stem, results, f"# NewBie workflows inside ComfyUI\n\n{markdown(results)}")
     print(markdown(results))
     return 0 if all(w["ok"] for r in results for w in r["workflows"].values()) else 1

@@ -25,10 +25,26 @@ def test_workflow_benchmark_quick_mode_runs_end_to_end(comfy_dir, tmp_path):
     for name, w in flows.items():
         assert w["ok"], (name, w)
         assert any(k.endswith(":NewBieDiTSampler") for k in w["node_s"]) and w["dit_s_per_step"] > 0
+        assert w["kept_loaded"] == [], (name, w)  # the bundled workflows release their models after each stage
     assert flows["newbie_basic_t2i"]["latent_rel_l2_vs_cli"] == 0.0  # same engine, same files, same numbers
     assert run["after_free"]["free_alloc_gib"] == 0.0 and "purge_rss_mib" in run["after_free"]
     assert run["queue"]["n"] == 2 and len(run["queue"]["rss_mib"]) == 2
     assert (tmp_path / next(tmp_path.glob("*-quick.json")).name.replace(".json", ".md")).is_file()
+
+
+def test_workflow_benchmark_keep_loaded_runs_the_graph_with_every_model_kept(comfy_dir, tmp_path):
+    """--keep-loaded: the comparison row with keep_loaded on in Text Encode and the Sampler (named in the file)."""
+    env = dict(os.environ, COMFYUI_DIR=str(comfy_dir))
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "comfy_workflow_bench.py"), "--quick",
+                           "--device", "cpu", "--out", str(tmp_path), "--queue", "0", "--no-cli", "--keep-loaded",
+                           "--workflows", "newbie_basic_t2i"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("comfy-workflows-*-keeploaded-quick.json")
+    run = json.loads(path.read_text())[0]
+    basic = run["workflows"]["newbie_basic_t2i"]
+    assert run["keep_loaded"] is True and basic["ok"]
+    assert basic["kept_loaded"] == ["NewBieDiTSampler", "NewBieTextEncode"]
+    assert "keep_loaded on" in path.with_suffix(".md").read_text()
 
 
 def test_dit_placement_benchmark_quick_mode_matches_the_full_load(comfy_dir, tmp_path):
