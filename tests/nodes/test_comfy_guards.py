@@ -86,7 +86,8 @@ def test_free_memory_prefers_the_patchers_count(comfyui, guards):
 
 def test_pinned_memory_counts_in_comfyuis_budget_where_it_has_one(comfyui, pack, monkeypatch):
     """ComfyUI ≥ 0.4 caps page-locked memory (MAX_PINNED_MEMORY; 0 with --disable-pinned-memory): the pack's
-    pinned copies are counted in it and refused beyond it; 0.3.64 has no cap (simulated both ways here)."""
+    pinned copies are counted in it and refused beyond it; 0.3.64 has none, so the pack counts its own pins
+    against the same rule (simulated both ways here)."""
     compat, mm = pack.nodes._comfy_compat, comfyui.mm
     monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", 100, raising=False)
     monkeypatch.setattr(mm, "TOTAL_PINNED_MEMORY", 30, raising=False)  # ComfyUI's own pins
@@ -96,6 +97,10 @@ def test_pinned_memory_counts_in_comfyuis_budget_where_it_has_one(comfyui, pack,
     assert mm.TOTAL_PINNED_MEMORY == 30
     monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", -1)  # --disable-pinned-memory
     assert not compat.reserve_pinned(1)
-    monkeypatch.delattr(mm, "MAX_PINNED_MEMORY")  # 0.3.64: no budget
-    assert compat.reserve_pinned(10**15)
-    compat.release_pinned(10**15)  # a no-op there
+    monkeypatch.delattr(mm, "MAX_PINNED_MEMORY")  # 0.3.64: no budget of ComfyUI's, the pack's own (same rule)
+    monkeypatch.setattr(compat, "_own_pinned_limit", lambda: 100)
+    before = compat._OWN_PINNED["total"]
+    assert compat.reserve_pinned(70) and not compat.reserve_pinned(100 - before - 69)
+    compat.release_pinned(70)
+    assert compat._OWN_PINNED["total"] == before and compat.reserve_pinned(100 - before)
+    compat.release_pinned(100 - before)
