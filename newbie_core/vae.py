@@ -24,6 +24,7 @@ from .errors import InputError, ModelFileError
 from .files import describe_state_dict, list_keys, read_safetensors, read_state_dict, require_exists, safetensors_metadata
 from .memory import empty_device_cache, is_out_of_memory
 from .recovery import cleans_up_on_failure
+from .tiles import ramp_weights, shared_span, tile_starts
 
 logger = logging.getLogger(__name__)
 
@@ -240,34 +241,6 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device
     return FluxVAE(_load_single_file(path, dtype, device), tile_size, tile_overlap)
 
 
-def _positions(length: int, tile: int, overlap: int) -> list[int]:
-    """Tile starts covering [0, length): evenly spread, neighbours overlapping by at least `overlap`."""
-    if length <= tile:
-        return [0]
-    n = -(-(length - tile) // (tile - overlap)) + 1
-    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
-
-
-def _ramp_weights(size: int, lead: int, trail: int, device) -> torch.Tensor:
-    """1-D blend weights of a tile: linear ramps over the `lead`/`trail` pixels shared with its neighbours."""
-    w = torch.ones(size, dtype=torch.float32, device=device)
-    for n, flip in ((min(lead, size), False), (min(trail, size), True)):
-        if n > 0:
-            ramp = torch.arange(1, n + 1, dtype=torch.float32, device=device) / (n + 1)
-            if flip:
-                w[-n:] = torch.minimum(w[-n:], ramp.flip(0))
-            else:
-                w[:n] = torch.minimum(w[:n], ramp)
-    return w
-
-
-def _shared(starts: list[int], i: int, tile: int, length: int) -> tuple[int, int]:
-    end = min(starts[i] + tile, length)
-    lead = max(0, min(starts[i - 1] + tile, length) - starts[i]) if i > 0 else 0
-    trail = max(0, end - starts[i + 1]) if i + 1 < len(starts) else 0
-    return lead, trail
-
-
 class FluxVAE:
     """The FLUX VAE: `.model` is the diffusers AutoencoderKL; decode/encode run where its parameters are.
 
@@ -318,7 +291,7 @@ class FluxVAE:
         b, _, h, w = z.shape
         out = torch.zeros(b, self.model.config.out_channels, h * f, w * f, dtype=torch.float32, device=z.device)
         weight = torch.zeros(1, 1, h * f, w * f, dtype=torch.float32, device=z.device)
-        ys, xs = _positions(h, tile, overlap), _positions(w, tile, overlap)
+        ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
         for yi, y in enumerate(ys):
             for xi, x in enumerate(xs):
                 part = z[:, :, y: y + tile, x: x + tile]
@@ -326,8 +299,8 @@ class FluxVAE:
                     part = self.model.post_quant_conv(part)
                 dec = self.model.decoder(part).float()
                 th, tw = dec.shape[-2:]
-                wy = _ramp_weights(th, *(f * n for n in _shared(ys, yi, tile, h)), z.device)
-                wx = _ramp_weights(tw, *(f * n for n in _shared(xs, xi, tile, w)), z.device)
+                wy = ramp_weights(th, *(f * n for n in shared_span(ys, yi, tile, h)), z.device)
+                wx = ramp_weights(tw, *(f * n for n in shared_span(xs, xi, tile, w)), z.device)
                 wt = wy[:, None] * wx[None, :]
                 out[:, :, y * f: y * f + th, x * f: x * f + tw] += dec * wt
                 weight[:, :, y * f: y * f + th, x * f: x * f + tw] += wt
@@ -342,7 +315,6 @@ class FluxVAE:
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] % self.upscale or images.shape[-2] % self.upscale:
             raise InputError(f"VAE encode needs images [B,3,H,W] with H and W multiples of {self.upscale}; "
                              f"got {tuple(images.shape)}.")
-        p = self._param()
         x = (images.to(device=self.device, dtype=torch.float32) * 2.0 - 1.0).to(self.dtype)
         if not tiled:
             return scale_latents(self._encode_mean(x).float())
@@ -350,13 +322,13 @@ class FluxVAE:
         overlap, h, w = self.tile_overlap * tile // self.tile_size, x.shape[-2] // f, x.shape[-1] // f
         out = torch.zeros(x.shape[0], self.model.config.latent_channels, h, w, dtype=torch.float32, device=self.device)
         weight = torch.zeros(1, 1, h, w, dtype=torch.float32, device=self.device)
-        ys, xs = _positions(h, tile, overlap), _positions(w, tile, overlap)
+        ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
         for yi, y in enumerate(ys):
             for xi, x0 in enumerate(xs):
                 z = self._encode_mean(x[:, :, y * f: (y + tile) * f, x0 * f: (x0 + tile) * f]).float()
                 th, tw = z.shape[-2:]
-                wt = _ramp_weights(th, *_shared(ys, yi, tile, h), self.device)[:, None] * \
-                    _ramp_weights(tw, *_shared(xs, xi, tile, w), self.device)[None, :]
+                wt = ramp_weights(th, *shared_span(ys, yi, tile, h), self.device)[:, None] * \
+                    ramp_weights(tw, *shared_span(xs, xi, tile, w), self.device)[None, :]
                 out[:, :, y: y + th, x0: x0 + tw] += z * wt
                 weight[:, :, y: y + th, x0: x0 + tw] += wt
         return scale_latents(out / weight)
