@@ -265,7 +265,7 @@ class ComfyHost:
             recast(patcher, wrapper.model, self.vae_precision)
         elif lowvram.should_stream(patcher, memory_required, released_after=not self.keep_loaded):
             root = wrapper if role == "dit" else patcher.model
-            budget = patcher.model_options.get("newbie_stream_budget")  # bytes of resident blocks (tests)
+            budget = patcher.model_options.get("newbie_stream_budget")  # resident bytes: the loader's cap
             with lowvram.streamed(patcher, root, role, memory_required, budget):
                 if role != "dit":
                     wrapper.run_device = patcher.load_device

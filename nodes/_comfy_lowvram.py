@@ -243,8 +243,8 @@ def streamed_dit(patcher, memory_required: int, budget: int | None = None):
 def streamed(patcher, dm: torch.nn.Module, role: str, memory_required: int = 0, budget: int | None = None):
     """Run `dm` (the patcher's model: DiT, Gemma or Jina) with its blocks streamed: ComfyUI first unloads this
     model and frees `memory_required` plus two blocks (evicting other models as it would), the rest of the model
-    (embedders, final layers) is placed on the device, and as many leading blocks as the free memory allows (or
-    `budget` bytes) stay resident. Everything on the device is released when the stage ends, so ComfyUI's
+    (embedders, final layers) is placed on the device, and as many leading blocks as the free memory allows (at
+    most `budget` bytes) stay resident. Everything on the device is released when the stage ends, so ComfyUI's
     accounting never misses memory we hold."""
     dev = patcher.load_device
     from ._comfy import unload
@@ -253,8 +253,9 @@ def streamed(patcher, dm: torch.nn.Module, role: str, memory_required: int = 0, 
     blocks = _blocks(dm, role)
     sizes = [block_nbytes(b) for b in blocks]
     mm.free_memory(memory_required + 2 * max(sizes) + mm.minimum_inference_memory(), dev)
-    if budget is None and dev.type == "cuda":
-        budget = max(0, mm.get_free_memory(dev) - memory_required - mm.minimum_inference_memory())
+    if dev.type == "cuda":  # a cap (the loader's stream_vram_gb) never beyond what is free
+        free = max(0, mm.get_free_memory(dev) - memory_required - mm.minimum_inference_memory())
+        budget = free if budget is None else min(budget, free)
     _pin_blocks(patcher, blocks)
     in_blocks = {(id(m), n) for b in blocks for m, n, _, _ in _tensors(b)}
     moved = []

@@ -10,13 +10,19 @@ from ..newbie_core.model_names import default_choice
 from ..newbie_core.precision import cast_module, parse_precision
 from ..newbie_core.text.gemma import load_gemma
 from ..newbie_core.text.jina import load_jina
-from ..newbie_core.validate import check_attention, parse_device
+from ..newbie_core.validate import check_attention, check_choice, check_number, parse_device
 from ..newbie_core.vae import load_vae
 from . import _comfy
 from .types import NEWBIE_TEXT_ENCODERS, NEWBIE_VAE, LoadedVAE, TextEncoders
 
 DIT_PRECISIONS = ["bf16", "fp16", "fp32", "fp8_e4m3fn"]
 DEVICE_TIP = "Where this model runs: 'default' lets ComfyUI choose; pick a GPU on multi-GPU machines, or cpu."
+STREAMING = {  # the DiT loader's `streaming` choices → model_options["newbie_stream"] (_comfy_lowvram.should_stream)
+    "auto": "on a CUDA GPU the engine's pinned block streaming runs the DiT when it does not fit, and whenever the "
+            "sampler releases it after sampling (keep_loaded off)",
+    "on": "always the engine's streaming (within stream_vram_gb or the free memory)",
+    "off": "ComfyUI's own loading (partial loading when memory is short; the DiT then stays loaded)",
+}
 
 
 class NewBieDiTLoader(io.ComfyNode):
@@ -42,6 +48,13 @@ class NewBieDiTLoader(io.ComfyNode):
                 io.Boolean.Input("compile", default=False,
                                  tooltip="torch.compile the DiT on first use (slow first run, faster steps)."),
                 io.Combo.Input("device", options=_comfy.DEVICE_CHOICES, default="default", tooltip=DEVICE_TIP),
+                io.Combo.Input("streaming", options=list(STREAMING), default="auto", optional=True,
+                               tooltip="; ".join(f"{k}: {v}" for k, v in STREAMING.items()) + "."),
+                io.Float.Input("stream_vram_gb", default=0.0, min=0.0, max=1024.0, step=0.25, optional=True,
+                               tooltip="Cap the DiT's blocks on the GPU at this many GB (the rest are copied in "
+                                       "per step, one ahead; on an H200 a 2 GB cap ran at 1.02× the full-load "
+                                       "step). > 0 turns streaming on under auto; ignored with off and for "
+                                       "LoRA-patched or compiled DiTs. 0 = as much as the free memory allows."),
             ],
             outputs=[io.Model.Output(tooltip="The NewBie DiT; connect to NewBie DiT Sampler.")],
         )
@@ -52,14 +65,21 @@ class NewBieDiTLoader(io.ComfyNode):
         return _comfy.model_fingerprint("diffusion_models", dit_name)
 
     @classmethod
-    def execute(cls, dit_name, precision, attention, compile, device) -> io.NodeOutput:
+    def execute(cls, dit_name, precision, attention, compile, device, streaming="auto",
+                stream_vram_gb=0.0) -> io.NodeOutput:
         parse_device(device), check_attention(attention, extra=("comfyui",))  # before any file is read
+        streaming = check_choice(streaming, "streaming", STREAMING)
+        budget = check_number(stream_vram_gb, "stream_vram_gb", 0.0, 1024.0)
         path = _comfy.resolve_model("diffusion_models", dit_name,
                                     "NewBie-Image-Exp0.1.safetensors (NewBie-AI/NewBie-image-Exp0.1)")
         prec = parse_precision(precision, "dit")
         patcher = _comfy.load_dit_patcher(path, prec, attention, device)
         patcher.model_options["newbie_compile"] = bool(compile)
         patcher.model_options["newbie_precision"] = precision
+        # a VRAM cap asks for the engine's streaming (auto would load a DiT that fits whole)
+        patcher.model_options["newbie_stream"] = "on" if budget > 0 and streaming == "auto" else streaming
+        if budget > 0:
+            patcher.model_options["newbie_stream_budget"] = int(budget * 2**30)
         return io.NodeOutput(patcher)
 
 

@@ -124,11 +124,11 @@ class Loaders:
     def __init__(self, pack, names):
         self.pack, self.names = pack, names
 
-    def dit(self, precision="bf16", attention="sdpa", name=None):
-        """NewBieDiTLoader → MODEL (a ModelPatcher)."""
+    def dit(self, precision="bf16", attention="sdpa", name=None, **optional):
+        """NewBieDiTLoader → MODEL (a ModelPatcher); `optional`: the loader's optional inputs (streaming, …)."""
         return self.pack.nodes.loaders.NewBieDiTLoader.execute(
             dit_name=name or self.names["dit"], precision=precision, attention=attention, compile=False,
-            device="default").args[0]
+            device="default", **optional).args[0]
 
     def text_encoders(self, precision="bf16", gemma=None, jina=None):
         """NewBieTextEncoderLoader → TextEncoders."""

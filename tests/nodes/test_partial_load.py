@@ -82,33 +82,39 @@ def test_partial_loading_is_really_partial(pack, loaders, budget):
     assert all(loaded < size for _, loaded, size in budget["loads"])
 
 
-def test_block_streaming_of_the_dit_gives_the_full_load_latents(pack, loaders):
-    model = loaders.dit(precision="fp32", attention="sdpa")
+def test_block_streaming_of_the_dit_gives_the_full_load_latents(pack, loaders, monkeypatch):
+    """The loader's streaming options: a 1-byte VRAM cap streams every block, a large one keeps all resident;
+    both give the full-load latents, and the host weights are back in place after each run."""
     enc = loaders.text_encoders(precision="fp32")
-    _, ref, _ = run_graph(pack, loaders, enc=enc, model=model)
-    dm = model.model.diffusion_model
-    before = {n: p.data_ptr() for n, p in dm.named_parameters()}
+    _, ref, _ = run_graph(pack, loaders, enc=enc, model=loaders.dit(precision="fp32", attention="sdpa"))
     seen = []
-    streamer_cls = pack.nodes._comfy_lowvram.LayerStreamer
 
-    class Spy(streamer_cls):
+    class Spy(pack.nodes._comfy_lowvram.LayerStreamer):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             seen.append((self.resident, len(self.layers)))
 
-    model.model_options.update(newbie_stream="on", newbie_stream_budget=0)
-    orig = pack.nodes._comfy_lowvram.LayerStreamer
-    pack.nodes._comfy_lowvram.LayerStreamer = Spy
-    try:
-        _, out, _ = run_graph(pack, loaders, enc=enc, model=model)
-        model.model_options["newbie_stream_budget"] = 10**12  # every block resident
-        _, out_resident, _ = run_graph(pack, loaders, enc=enc, model=model)
-    finally:
-        pack.nodes._comfy_lowvram.LayerStreamer = orig
-        model.model_options.pop("newbie_stream"), model.model_options.pop("newbie_stream_budget")
+    monkeypatch.setattr(pack.nodes._comfy_lowvram, "LayerStreamer", Spy)
+    outs = []
+    for gb in (2**-30, 1000.0):  # 1 byte: nothing resident; 1000 GB: everything
+        model = loaders.dit(precision="fp32", attention="sdpa", streaming="auto", stream_vram_gb=gb)
+        assert model.model_options["newbie_stream"] == "on"  # a cap asks for streaming under auto
+        dm = model.model.diffusion_model
+        before = {n: p.data_ptr() for n, p in dm.named_parameters()}
+        outs.append(run_graph(pack, loaders, enc=enc, model=model)[1])
+        assert {n: p.data_ptr() for n, p in dm.named_parameters()} == before  # host weights back in place
     assert seen[0][0] == 0 and seen[1][0] == seen[1][1] > 0
-    assert torch.equal(out, ref) and torch.equal(out_resident, ref)
-    assert {n: p.data_ptr() for n, p in dm.named_parameters()} == before  # host weights back in place
+    assert torch.equal(outs[0], ref) and torch.equal(outs[1], ref)
+
+
+def test_dit_loader_streaming_inputs_are_checked(pack, loaders):
+    InputError = pack.newbie_core.errors.InputError
+    with pytest.raises(InputError, match="streaming"):
+        loaders.dit(precision="fp32", streaming="sometimes")
+    with pytest.raises(InputError, match="stream_vram_gb"):
+        loaders.dit(precision="fp32", stream_vram_gb=float("nan"))
+    off = loaders.dit(precision="fp32", streaming="off", stream_vram_gb=2.0)
+    assert pack.nodes._comfy_lowvram.should_stream(off, 0, released_after=True) is False
 
 
 def test_streaming_is_automatic_only_on_cuda_and_the_loader_option_overrides(pack, loaders):
