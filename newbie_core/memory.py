@@ -130,8 +130,14 @@ class StagedModel:
         if self.device.type != "cpu":
             self.release()
         names = list(self._pristine)
-        self._arena = PinnedArena([self._pristine[k] for k in names])
-        self._pristine = dict(zip(names, self._arena.views))
+        owners = {full: (mod, pname) for full, mod, pname, _ in self._slots()}
+
+        def adopt(i: int, view: torch.Tensor) -> None:  # the copy replaces the original at once (freed)
+            self._pristine[names[i]] = view
+            if names[i] in owners:
+                set_tensor(*owners[names[i]], view)
+
+        self._arena = PinnedArena([self._pristine[k] for k in names], adopt=adopt)
         self._point_at_pristine()
 
     def _point_at_pristine(self) -> None:

@@ -222,20 +222,31 @@ class PinnedArena:
     Without CUDA (or with `pin=False`: the host's pinned-memory budget is spent) the arena is plain memory:
     copies from it work, synchronously. `close()` unregisters it (also on garbage collection) and then calls
     `on_close` once, if the buffer was registered (a host's pinned-memory accounting).
+
+    `adopt(i, view)`, when given, is called right after tensor i is copied so the caller points the tensor's
+    owner at its view at once; `tensors` must then be a list the caller keeps no other reference to: the arena
+    drops each entry once copied. Each original is then freed as soon as it is copied, instead of the whole
+    model existing twice in host memory until the end (measured on the CPU: +1.05 GiB transient for a 1.05 GiB
+    model without it, tests/core/test_streaming.py). The buffer's pages are committed as they are written.
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], pin: bool = True,
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None,
+                 adopt: Callable[[int, torch.Tensor], None] | None = None) -> None:
         offsets, size = [], 0
         for t in tensors:
             offsets.append(size)
             size = _align(size + t.numel() * t.element_size())
         self.buffer = torch.empty(max(size, 1), dtype=torch.uint8)
         self.views = []
-        for t, off in zip(tensors, offsets):
+        for i, off in enumerate(offsets):
+            t = tensors[i]
             v = self.buffer[off:off + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
             v.copy_(t)
             self.views.append(v)
+            if adopt is not None:
+                tensors[i] = t = None  # the last reference but the owner's, which `adopt` replaces
+                adopt(i, v)
         self.registered = False
         if pin and torch.cuda.is_available():
             err = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.buffer.numel(), 0)

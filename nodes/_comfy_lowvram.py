@@ -195,28 +195,37 @@ def _pin_blocks(patcher, blocks) -> None:
     """Point the blocks' tensors at one pinned arena (kept with the model, so pinned once per load). Tensors
     ComfyUI moved since (a partial load and unload makes fresh pageable copies) are copied back into their
     pinned places (`PinnedArena.absorb`): checking only one tensor once let most of a DiT stream from pageable
-    memory at half the bandwidth after ComfyUI had partially loaded it."""
+    memory at half the bandwidth after ComfyUI had partially loaded it. A new arena takes each tensor over as
+    it copies it (`adopt`), so the model never exists twice in host memory."""
     if not torch.cuda.is_available():
         return
-    tensors = [(m, n, k, t) for b in blocks for m, n, k, t in _tensors(b)]
+    owners = [(m, n, k) for b in blocks for m, n, k, _ in _tensors(b)]
+
+    def point(i: int, view: torch.Tensor) -> None:
+        m, n, k = owners[i]
+        if k == "p":
+            m._parameters[n].data = view
+        else:
+            m._buffers[n] = view
+
+    def current() -> list[torch.Tensor]:
+        return [m._parameters[n].data if k == "p" else m._buffers[n] for m, n, k in owners]
+
     arena = getattr(patcher, "newbie_arena", None)
-    views = arena.absorb([t for *_, t in tensors]) if arena is not None else None
-    if views is None:
+    views = arena.absorb(current()) if arena is not None else None
+    if views is not None:
+        for i, v in enumerate(views):
+            point(i, v)
+    else:
         unpin(patcher)
-        nbytes = sum(t.numel() * t.element_size() for *_, t in tensors)
+        nbytes = sum(t.numel() * t.element_size() for t in current())
         counted = reserve_pinned(nbytes)
-        arena = PinnedArena([t for *_, t in tensors], pin=counted, on_close=lambda: release_pinned(nbytes))
+        arena = PinnedArena(current(), pin=counted, on_close=lambda: release_pinned(nbytes), adopt=point)
         if counted and not arena.registered:
             release_pinned(nbytes)  # CUDA refused the registration
         if not arena.registered:
             log.warning("NewBie: %.2f GiB of weights stream from ordinary memory, slower (ComfyUI's pinned-memory "
                         "budget is spent, --disable-pinned-memory, or CUDA refused to pin).", nbytes / 2**30)
-        views = arena.views
-    for (m, n, k, _), v in zip(tensors, views):
-        if k == "p":
-            m._parameters[n].data = v
-        else:
-            m._buffers[n] = v
     patcher.newbie_arena = arena
 
 

@@ -238,3 +238,31 @@ def test_highvram_keeps_every_model_loaded_whatever_the_nodes_option(pack, comfy
     assert pack.nodes._comfy.ComfyHost(keep_loaded=False).keep_loaded is False
     monkeypatch.setattr(mm, "vram_state", mm.VRAMState.HIGH_VRAM)  # --highvram / --gpu-only
     assert pack.nodes._comfy.ComfyHost(keep_loaded=False).keep_loaded is True
+
+
+def test_pinning_the_dit_blocks_takes_every_tensor_over_in_place(pack, loaders, monkeypatch):
+    """`_pin_blocks` (CUDA hosts; registration simulated): every block tensor then aliases one arena with its
+    values unchanged; a weight ComfyUI moved away and back (a fresh pageable copy) is copied into its place in
+    the same arena at the next stage."""
+    low = pack.nodes._comfy_lowvram
+    model = loaders.dit(precision="fp32", attention="sdpa")
+    dm = model.model.diffusion_model
+    blocks = low._blocks(dm, "dit")
+    before = {k: v.clone() for k, v in dm.state_dict().items()}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real = low.PinnedArena
+    monkeypatch.setattr(low, "PinnedArena", lambda *a, **k: real(*a, **{**k, "pin": False}))  # no CUDA here
+
+    def in_arena(t):
+        buf = model.newbie_arena.buffer
+        return buf.data_ptr() <= t.data_ptr() < buf.data_ptr() + buf.numel()
+
+    low._pin_blocks(model, blocks)
+    arena = model.newbie_arena
+    assert all(in_arena(t) for b in blocks for *_, t in low._tensors(b))
+    assert all(torch.equal(v, before[k]) for k, v in dm.state_dict().items())
+    w = next(blocks[0].parameters())
+    moved = w.data.clone() + 1
+    w.data = moved.clone()  # what ComfyUI's partial load + unload leaves: a fresh pageable copy
+    low._pin_blocks(model, blocks)
+    assert model.newbie_arena is arena and in_arena(w) and torch.equal(w.data, moved)
