@@ -257,7 +257,8 @@ def run(args) -> dict:
 
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "comfyui": getattr(__import__("comfyui_version"), "__version__", "?"), "comfy_args": args.comfy_args,
-              "card_gib": args.card_gib, "keep_loaded": args.keep_loaded, "torch": torch.__version__, "size": args.size, "steps": args.steps,
+              "card_gib": args.card_gib, "keep_loaded": args.keep_loaded, "torch": torch.__version__,
+              "size": args.size, "steps": args.steps,
               "async_offload": sys.modules[pack.__name__.rsplit(".", 1)[0] + "._comfy_compat"].COMFY_ASYNC_OFFLOAD,
               "workflows": {}}
     for name in args.workflows.split(","):

@@ -71,9 +71,19 @@ def cast_bias_weight(layer, x, **kwargs):
     return weight, bias, None
 
 
-# Where ComfyUI keeps no pinned-memory budget (0.3.64), the pack keeps its own with the rule ComfyUI 0.4 adopted:
-# 95 % of RAM on Linux, 45 % on Windows (CUDA there refuses beyond about half).
-_OWN_PINNED = {"total": 0}
+class _OwnPinnedBudget:
+    """Where ComfyUI keeps no pinned-memory budget (0.3.64), the pack keeps its own under the names ComfyUI ≥ 0.4
+    uses for its module globals, with the rule 0.4 adopted: 95 % of RAM on Linux, 45 % on Windows (CUDA there
+    refuses beyond about half)."""
+
+    TOTAL_PINNED_MEMORY = 0
+
+    @property
+    def MAX_PINNED_MEMORY(self) -> int:  # noqa: N802 - ComfyUI's name
+        return _own_pinned_limit()
+
+
+_OWN_PINNED = _OwnPinnedBudget()
 
 
 def _own_pinned_limit() -> int:
@@ -84,27 +94,25 @@ def _own_pinned_limit() -> int:
     return int(psutil.virtual_memory().total * (0.45 if platform.system() == "Windows" else 0.95))
 
 
+def _pinned_budget():
+    """ComfyUI's own pinned-memory budget (≥ 0.4: `model_management` itself), else the pack's."""
+    return mm if hasattr(mm, "MAX_PINNED_MEMORY") else _OWN_PINNED
+
+
 def reserve_pinned(nbytes: int) -> bool:
     """Whether the pack may page-lock `nbytes` more host memory, counted in ComfyUI's own pinned-memory budget
     where it has one (≥ 0.4: `MAX_PINNED_MEMORY`, 95 % of RAM on Linux, 45 % on Windows, 0 with
     `--disable-pinned-memory`), so ComfyUI's pins and ours never lock more than it allows. 0.3.64 has no
     budget: the pack counts its own pins against the same share of RAM. A True answer has counted the bytes;
     give them back with `release_pinned`."""
-    limit = getattr(mm, "MAX_PINNED_MEMORY", None)
-    if limit is None:
-        if _OWN_PINNED["total"] + nbytes > _own_pinned_limit():
-            return False
-        _OWN_PINNED["total"] += nbytes
-        return True
-    if limit <= 0 or mm.TOTAL_PINNED_MEMORY + nbytes > limit:
+    budget = _pinned_budget()
+    if budget.MAX_PINNED_MEMORY <= 0 or budget.TOTAL_PINNED_MEMORY + nbytes > budget.MAX_PINNED_MEMORY:
         return False
-    mm.TOTAL_PINNED_MEMORY += nbytes
+    budget.TOTAL_PINNED_MEMORY += nbytes
     return True
 
 
 def release_pinned(nbytes: int) -> None:
     """Give back bytes counted by `reserve_pinned`."""
-    if getattr(mm, "MAX_PINNED_MEMORY", None) is not None:
-        mm.TOTAL_PINNED_MEMORY = max(0, mm.TOTAL_PINNED_MEMORY - nbytes)
-    else:
-        _OWN_PINNED["total"] = max(0, _OWN_PINNED["total"] - nbytes)
+    budget = _pinned_budget()
+    budget.TOTAL_PINNED_MEMORY = max(0, budget.TOTAL_PINNED_MEMORY - nbytes)

@@ -218,9 +218,10 @@ def _pin_blocks(patcher, blocks) -> None:
             point(i, v)
     else:
         unpin(patcher)
-        nbytes = sum(t.numel() * t.element_size() for t in current())
+        tensors = current()  # emptied by the arena as it adopts each one
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
         counted = reserve_pinned(nbytes)
-        arena = PinnedArena(current(), pin=counted, on_close=lambda: release_pinned(nbytes), adopt=point)
+        arena = PinnedArena(tensors, pin=counted, on_close=lambda: release_pinned(nbytes), adopt=point)
         if counted and not arena.registered:
             release_pinned(nbytes)  # CUDA refused the registration
         if not arena.registered:

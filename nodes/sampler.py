@@ -78,5 +78,6 @@ class NewBieDiTSampler(io.ComfyNode):
         settings = stages.GenerationSettings(width=width, height=height, steps=steps, cfg=cfg, shift=shift,
                                              solver=solver, cfg_trunc=cfg_trunc, renorm=renorm, seed=seed,
                                              batch=batch_size, denoise=denoise)
-        samples = stages.sample(_comfy.ComfyHost(model=model, keep_loaded=keep_loaded), cond, uncond, settings, latent=latent)
+        host = _comfy.ComfyHost(model=model, keep_loaded=keep_loaded)
+        samples = stages.sample(host, cond, uncond, settings, latent=latent)
         return io.NodeOutput({"samples": samples})

@@ -99,8 +99,8 @@ def test_pinned_memory_counts_in_comfyuis_budget_where_it_has_one(comfyui, pack,
     assert not compat.reserve_pinned(1)
     monkeypatch.delattr(mm, "MAX_PINNED_MEMORY")  # 0.3.64: no budget of ComfyUI's, the pack's own (same rule)
     monkeypatch.setattr(compat, "_own_pinned_limit", lambda: 100)
-    before = compat._OWN_PINNED["total"]
+    before = compat._OWN_PINNED.TOTAL_PINNED_MEMORY
     assert compat.reserve_pinned(70) and not compat.reserve_pinned(100 - before - 69)
     compat.release_pinned(70)
-    assert compat._OWN_PINNED["total"] == before and compat.reserve_pinned(100 - before)
+    assert compat._OWN_PINNED.TOTAL_PINNED_MEMORY == before and compat.reserve_pinned(100 - before)
     compat.release_pinned(100 - before)
