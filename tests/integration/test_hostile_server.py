@@ -4,6 +4,7 @@ prompt built to make the old XML regex backtrack does not stall the server; a re
 output of the same re-queued prompt."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -62,6 +63,29 @@ def test_traversal_names_via_post_prompt_are_refused(srv, spy, comfy_tiny_files,
         assert not [p for p in opened if str(outside) in p], opened
     finally:
         link.unlink()
+
+
+def test_hostile_streaming_values_via_post_prompt_are_refused_naming_the_input(srv):
+    """The DiT loader's streaming inputs as any HTTP client can send them: refused by ComfyUI's validation or
+    the pack's checks with the input named, and the server runs the next prompt."""
+    cases = [({"streaming": "../../etc/passwd"}, "streaming"), ({"streaming": "on; rm -rf /"}, "streaming"),
+             ({"stream_vram_gb": float("nan")}, "stream_vram_gb"), ({"stream_vram_gb": 1e300}, "stream_vram_gb"),
+             ({"stream_vram_gb": -1.0}, "stream_vram_gb")]
+    for inputs, named in cases:
+        g = graph(f"stream {uuid.uuid4().hex}")
+        g["1"]["inputs"].update(inputs)
+        # raw JSON: a client may send NaN (Python's json writes and ComfyUI's reads it; requests refuses to)
+        r = srv.http.post(srv.url + "/prompt", data=json.dumps({"prompt": g, "client_id": uuid.uuid4().hex}),
+                          headers={"Content-Type": "application/json"}, timeout=60)
+        if r.status_code != 200:  # ComfyUI's own validation refused it before it ran
+            msg = r.text
+        else:
+            msg = error_of(srv.wait_for(r.json()["prompt_id"], timeout=120, check=False))["exception_message"]
+        assert named in msg, (inputs, msg)
+    ok = graph(f"stream ok {uuid.uuid4().hex}")
+    ok["1"]["inputs"].update(streaming="on", stream_vram_gb=0.25)
+    ok["5"]["inputs"]["keep_loaded"] = True
+    assert srv.run(ok, timeout=120)["status"]["status_str"] == "success"
 
 
 def test_backtracking_prompt_does_not_stall_the_server(srv):
