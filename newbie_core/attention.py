@@ -7,7 +7,9 @@ attends to its first n_i tokens: the DiT packs real tokens first, so no mask rea
 scale 1/sqrt(Dh); non-causal. Returns `[B,Hq,S,Dh]`. Rows of padded *queries* are unspecified (never read).
 
 Backends (the `backend` argument, from the loader's choice): "auto" = flash-attn when the `flash_attn` package imports, the
-tensors are on CUDA and fp16/bf16, else SDPA; "sdpa"; "flash" (error if flash-attn is missing).
+tensors are on CUDA and fp16/bf16, else SDPA (on CUDA with torch's kernels in the priority AUTO_CUDA_KERNELS:
+cuDNN first); "sdpa" (torch's own choice); "flash" (error if flash-attn is missing). `kernel=` forces one SDPA
+kernel (benchmarks/attention_kernels.py).
 flash-attn is never required. No path here syncs with the host (compile friendly).
 
 RoPE (spec §1.4): per axis of width d, `freq_k = theta^(-2k/d)`; angles are computed in float64 and
@@ -17,6 +19,7 @@ cast back to the input dtype.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 from dataclasses import dataclass
@@ -28,8 +31,36 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "sdpa", "flash")
+# SDPA kernels that can be forced (`kernel=`): torch's backend, with native GQA or with K/V expanded to every
+# query head ("_expanded": some kernels take GQA only that way). None = let torch choose.
+SDPA_KERNELS = ("flash", "flash_expanded", "cudnn", "cudnn_expanded", "efficient", "efficient_expanded", "math")
+# "auto" on CUDA without flash-attn: torch's SDPA kernels in this priority (torch takes the first that accepts
+# the inputs), K/V expanded to every query head first when AUTO_CUDA_EXPAND_KV. "sdpa" leaves the choice to
+# torch, which inside a ComfyUI process is not cuDNN. Measured on an H200 (torch 2.11, the DiT's shapes,
+# benchmarks/results/attention-kernels-nvidia-h200.md): cuDNN 0.69 ms with native GQA, 0.80 expanded, torch's
+# flash 1.11; inside ComfyUI 0.4.0 the DiT step is 0.147 s with cuDNN first against 0.157 with "sdpa"
+# (benchmarks/results/comfy-dit-placement-nvidia-h200-comfyui-0.4.0.md).
+AUTO_CUDA_KERNELS = ("cudnn", "flash", "efficient", "math")
+AUTO_CUDA_EXPAND_KV = False
 _flash_module = None  # None = not tried yet, False = unavailable
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+def _can_prioritise() -> bool:
+    import inspect
+
+    try:
+        from torch.nn.attention import sdpa_kernel
+    except ImportError:
+        return False
+    return "set_priority" in inspect.signature(sdpa_kernel).parameters
+
+
+_SDPA_CAN_PRIORITISE = _can_prioritise()
+# Settled here when flash-attn is not installed (the common case): `attention` asks inside compiled graphs, where
+# trying the import would break a fullgraph compile of the DiT; an installed package is imported on first use.
+if importlib.util.find_spec("flash_attn") is None:
+    _flash_module = False
 
 
 def _flash():
@@ -91,10 +122,13 @@ def supports_key_prefix(fn: Callable) -> bool:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              key_mask: torch.Tensor | KeyPrefix | None = None, backend: str | None = None) -> torch.Tensor:
-    """Non-causal multi-head attention with GQA and an optional key-padding mask (see module doc)."""
+              key_mask: torch.Tensor | KeyPrefix | None = None, backend: str | None = None,
+              kernel: str | None = None) -> torch.Tensor:
+    """Non-causal multi-head attention with GQA and an optional key-padding mask (see module doc).
+
+    `kernel` (one of `SDPA_KERNELS`) forces torch's SDPA kernel on the SDPA path; None lets torch choose."""
     if isinstance(key_mask, KeyPrefix):
-        return prefix_attention(q, k, v, key_mask, lambda a, b, c: attention(a, b, c, None, backend))
+        return prefix_attention(q, k, v, key_mask, lambda a, b, c: attention(a, b, c, None, backend, kernel))
     backend = backend or "auto"
     if backend not in BACKENDS:  # never a silent fallback to SDPA
         from .errors import InputError
@@ -105,12 +139,48 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if not flash_attn_available():
             raise ImportError("attention backend 'flash' needs the flash-attn package; use 'sdpa'.")
         return flash_attention(q, k, v, key_mask)
-    return sdpa_attention(q, k, v, key_mask)
+    if backend == "auto" and kernel is None and q.is_cuda:
+        return sdpa_preferred(q, k, v, key_mask)
+    return sdpa_attention(q, k, v, key_mask, kernel)
+
+
+def sdpa_preferred(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA with the kernel priority `AUTO_CUDA_KERNELS` (the "auto" backend on CUDA); torch's own choice where
+    this torch cannot set a priority."""
+    from torch.nn.attention import sdpa_kernel
+
+    if not _SDPA_CAN_PRIORITISE:
+        return sdpa_attention(q, k, v, key_mask)
+    if AUTO_CUDA_EXPAND_KV and k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    with sdpa_kernel([_sdpa_backend(n) for n in AUTO_CUDA_KERNELS], set_priority=True):
+        return sdpa_attention(q, k, v, key_mask)
+
+
+def _sdpa_backend(kernel: str):
+    from torch.nn.attention import SDPBackend
+
+    names = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+             "math": "MATH"}
+    return getattr(SDPBackend, names[kernel.removesuffix("_expanded")])
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.scaled_dot_product_attention` with a boolean `[B,1,1,S]` key mask and native GQA."""
+                   key_mask: torch.Tensor | None = None, kernel: str | None = None) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` with a boolean `[B,1,1,S]` key mask and native GQA; `kernel`
+    (one of `SDPA_KERNELS`) forces one of torch's kernels (RuntimeError when it cannot take these inputs)."""
+    if kernel is not None:
+        if kernel not in SDPA_KERNELS:
+            raise ValueError(f"unknown SDPA kernel {kernel!r}; one of {', '.join(SDPA_KERNELS)}")
+        from torch.nn.attention import sdpa_kernel
+
+        if kernel.endswith("_expanded") and k.shape[1] != q.shape[1]:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        with sdpa_kernel([_sdpa_backend(kernel)]):
+            return sdpa_attention(q, k, v, key_mask)
     b, hq, _, dh = q.shape
     mask = None if key_mask is None else key_mask.to(torch.bool).view(b, 1, 1, key_mask.shape[-1])
     scale = 1.0 / math.sqrt(dh)
@@ -172,17 +242,18 @@ def rope_cos_sin(positions: torch.Tensor, axes_dims: Sequence[int], theta: float
     return torch.cos(angles), torch.sin(angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, form: str | None = None) -> torch.Tensor:
     """Rotate adjacent pairs (2i, 2i+1) of the last dim of `x` by the angles behind `cos`/`sin`.
 
     `cos`/`sin` have last dim `x.shape[-1]/2` and broadcast against `x.shape[:-1]`. Computed in fp32,
     returned in `x`'s dtype. Eager: one complex multiply, the official code's own operation (3 kernels
     instead of the real formula's 9); under torch.compile: the real formula, which inductor fuses into one
     kernel (it leaves complex operations unfused). Both give the same numbers on the CPU (tests/core/test_dit.py);
-    a GPU's complex kernel may round differently by an fp32 ulp (as the official code's does).
+    a GPU's complex kernel may round differently by an fp32 ulp (as the official code's does). `form`
+    ("complex" or "real") forces one (benchmarks).
     """
     xf = x.float().unflatten(-1, (-1, 2))
-    if torch.compiler.is_compiling():
+    if form == "real" or (form is None and torch.compiler.is_compiling()):
         x0, x1 = xf[..., 0], xf[..., 1]
         out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     else:
