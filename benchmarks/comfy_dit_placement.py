@@ -61,6 +61,8 @@ def main() -> int:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--budgets", default="3,1,0.25", help="GiB of DiT weights on the GPU")
+    p.add_argument("--attention", default="auto,sdpa,comfyui",
+                   help="the loader's attention choices: the first for every row, the others a full-load row each")
     args = p.parse_args()
     glue = import_comfy_glue()
     import comfy.model_management as mm
@@ -72,7 +74,8 @@ def main() -> int:
     low = sys.modules[glue.__name__.rsplit(".", 1)[0] + "._comfy_lowvram"]
     device = mm.get_torch_device()
     path = write_random_dit(args.quick, device, Path(tempfile.mkdtemp(prefix="newbie-placement-")))
-    patcher = glue.load_dit_patcher(path, parse_precision("bf16", "dit"), "sdpa")
+    attentions = args.attention.split(",")
+    patcher = glue.load_dit_patcher(path, parse_precision("bf16", "dit"), attentions[0])
     dit = patcher.model.diffusion_model
     hw, cap = ((16, 16), 24) if args.quick else ((128, 128), 256)
     inputs = dit_inputs(dit, device, latent_hw=hw, cap_len=cap, uncond_len=min(40, cap // 2))
@@ -91,8 +94,16 @@ def main() -> int:
     patcher.patch_model(device_to=device, lowvram_model_memory=0)
     full = dit_step(dit.velocity, inputs, device, runs=runs)
     ref = full["out"]
-    record("comfyui-full", "full", full)
+    record(f"comfyui-full ({attentions[0]})", "full", full)
     patcher.unpatch_model(device_to=patcher.offload_device, unpatch_weights=True)
+    for name in attentions[1:]:  # the same file, another attention choice: full load only
+        other = glue.load_dit_patcher(path, parse_precision("bf16", "dit"), name)
+        other.patch_model(device_to=device, lowvram_model_memory=0)
+        record(f"comfyui-full ({name})", "full", dit_step(other.model.diffusion_model.velocity, inputs, device,
+                                                          runs=runs), ref)
+        other.unpatch_model(device_to=other.offload_device, unpatch_weights=True)
+        del other
+        mm.soft_empty_cache()
     for b in [float(x) for x in args.budgets.split(",")]:
         patcher.patch_model(device_to=device, lowvram_model_memory=int(b * scale))
         record("comfyui-partial", b, dit_step(dit.velocity, inputs, device, runs=runs), ref)
@@ -117,9 +128,9 @@ def main() -> int:
     stem = f"comfy-dit-placement-{slug(f'{gpu}-comfyui-{version}')}" + ("-quick" if args.quick else "")
     async_offload = sys.modules[glue.__name__.rsplit(".", 1)[0] + "._comfy_compat"].COMFY_ASYNC_OFFLOAD
     result = {"gpu": gpu, "comfyui": version, "async_offload": async_offload, "torch": torch.__version__,
-              "rows": rows}
+              "attention": attentions, "rows": rows}
     lines = [f"DiT step inside ComfyUI {version} (async offload: {async_offload}), bf16, CFG batch 2, "
-             f"1024², {gpu}", "", "| way | budget GiB | s / step | × full | peak alloc GiB | rel. diff vs full |",
+             f"1024², {gpu}; our rows use attention `{attentions[0]}` unless named", "", "| way | budget GiB | s / step | × full | peak alloc GiB | rel. diff vs full |",
              "|---|---|---|---|---|---|"]
     base = rows[0]["seconds"]
     for r in rows:

@@ -36,6 +36,33 @@ def plain_fp8_cast(dm) -> None:
                 p.data = p.data.to(FP8)
 
 
+def save(args, device, hw, cap, rows: list[dict], quality: dict | None) -> str:
+    """Write the JSON + markdown report of what has been measured so far; returns the markdown."""
+    from newbie_core.bench.report import slug, write_results
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    import comfyui_version  # noqa: PLC0415 - from $COMFYUI_DIR
+
+    result = {"gpu": gpu, "torch": torch.__version__, "comfyui": comfyui_version.__version__,
+              "inputs": {"latent_hw": hw, "cap_len": cap, "batch": 2}, "dit_step": rows,
+              "fp8_final_latent_vs_bf16": quality, "sampling": {"steps": args.steps, "solver": "euler", "cfg": 4.0}}
+    stem = f"comfy-engine-step-{slug(gpu)}-comfyui-{comfyui_version.__version__}" + ("-quick" if args.quick else "")
+    lines = [f"DiT step, CLI host vs ComfyUI host (ComfyUI {comfyui_version.__version__}), {gpu}, CFG batch 2, "
+             f"latent {hw[0]}×{hw[1]}, {cap} caption tokens", "",
+             "| variant | CLI s/step | ComfyUI s/step | ratio | CLI peak GiB | ComfyUI peak GiB | ComfyUI vs CLI rel. L2 |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['cli_s']:.4f} | {r['comfyui_s']:.4f} | {r['ratio']:.3f} | {r['cli_peak_gib']:.2f} | "
+              f"{r['comfyui_peak_gib']:.2f} | {r['comfyui_vs_cli_rel_l2']:.1e} |" for r in rows]
+    if quality is None:
+        lines += ["", "fp8 final latent vs bf16: not measured (the run ended before that part)."]
+    else:
+        lines += ["", f"fp8 final latent vs bf16 ({args.steps - 1} euler steps, CFG 4):", "",
+                  "| weights | rel. L2 vs bf16 | max abs |", "|---|---|---|"]
+        lines += [f"| {k} | {v['rel_l2_diff']:.4f} | {v['max_abs_diff']:.3f} |" for k, v in quality.items()]
+    write_results(args.out, stem, result, "\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="benchmarks/results")
@@ -47,7 +74,6 @@ def main() -> int:
 
     from newbie_core import load_dit
     from newbie_core.bench.measure import dit_inputs, dit_step, parity
-    from newbie_core.bench.report import slug, write_results
     from newbie_core.fp8 import enable_fp8_matmul, fp8_matmul_supported
     from newbie_core.memory import StagedModel
     from newbie_core.pipeline import compile_dit
@@ -97,6 +123,7 @@ def main() -> int:
                "comfyui_peak_gib": round(com["peak_alloc_gib"], 3), "comfyui_vs_cli_rel_l2": same["rel_l2_diff"]}
         rows.append(row)
         print(row, flush=True)
+        save(args, device, hw, cap, rows, None)  # a run cut off later keeps what it measured
     torch._dynamo.reset()
 
     # fp8 quality: a whole sampling run per weight format, on the ComfyUI host's DiT
@@ -125,24 +152,7 @@ def main() -> int:
     quality = {k: parity(finals[k], finals["bf16"]) for k in ("ours_fp8", "plain_e4m3_cast")}
     print(quality, flush=True)
 
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    import comfyui_version  # noqa: PLC0415 - from $COMFYUI_DIR
-
-    result = {"gpu": gpu, "torch": torch.__version__, "comfyui": comfyui_version.__version__,
-              "inputs": {"latent_hw": hw, "cap_len": cap, "batch": 2}, "dit_step": rows,
-              "fp8_final_latent_vs_bf16": quality, "sampling": {"steps": args.steps, "solver": "euler", "cfg": 4.0}}
-    stem = f"comfy-engine-step-{slug(gpu)}-comfyui-{comfyui_version.__version__}" + ("-quick" if args.quick else "")
-    lines = [f"DiT step, CLI host vs ComfyUI host (ComfyUI {comfyui_version.__version__}), {gpu}, CFG batch 2, "
-             f"latent {hw[0]}×{hw[1]}, {cap} caption tokens", "",
-             "| variant | CLI s/step | ComfyUI s/step | ratio | CLI peak GiB | ComfyUI peak GiB | ComfyUI vs CLI rel. L2 |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['cli_s']:.4f} | {r['comfyui_s']:.4f} | {r['ratio']:.3f} | {r['cli_peak_gib']:.2f} | "
-              f"{r['comfyui_peak_gib']:.2f} | {r['comfyui_vs_cli_rel_l2']:.1e} |" for r in rows]
-    lines += ["", f"fp8 final latent vs bf16 ({args.steps - 1} euler steps, CFG 4):", "",
-              "| weights | rel. L2 vs bf16 | max abs |", "|---|---|---|"]
-    lines += [f"| {k} | {v['rel_l2_diff']:.4f} | {v['max_abs_diff']:.3f} |" for k, v in quality.items()]
-    write_results(args.out, stem, result, "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(save(args, device, hw, cap, rows, quality))
     return 0
 
 
