@@ -42,6 +42,8 @@ def workflow_rows(results: Path, gpu: str) -> list[tuple[str, float, float | Non
             continue  # superseded runs stay as records, not in the chart
         for r in json.loads(path.read_text()):
             setting = r.get("comfy_args") or (f"{r['card_gib']:g} GB card" if r.get("card_gib") else "default")
+            if r.get("keep_loaded"):
+                setting += ", keep_loaded"
             for name, w in r["workflows"].items():
                 if "peak_alloc_gib" in w:
                     rows.append((f"{r['comfyui']} {setting} {name.removeprefix('newbie_')}", w["peak_alloc_gib"],
