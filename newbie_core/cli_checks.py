@@ -156,7 +156,7 @@ def model_paths_for(args) -> Iterator[tuple[object, bool]]:
     try:
         make_tiny(tiny_dir)
         print(f"No model given: using built-in TINY RANDOM-WEIGHT models in a temporary folder (removed at exit; "
-              f"the image will be noise; pass --model-dir for real weights).", file=sys.stderr)
+              "the image will be noise; pass --model-dir for real weights).", file=sys.stderr)
         paths = ModelPaths.from_dir(tiny_dir)
         paths.jina_max_length = max_length
         yield paths, True
