@@ -155,7 +155,7 @@ def model_paths_for(args) -> Iterator[tuple[object, bool]]:
     tiny_dir = Path(tempfile.mkdtemp(prefix="newbie-tiny-"))
     try:
         make_tiny(tiny_dir)
-        print(f"No model given: using built-in TINY RANDOM-WEIGHT models in a temporary folder (removed at exit; "
+        print("No model given: using built-in TINY RANDOM-WEIGHT models in a temporary folder (removed at exit; "
               "the image will be noise; pass --model-dir for real weights).", file=sys.stderr)
         paths = ModelPaths.from_dir(tiny_dir)
         paths.jina_max_length = max_length
