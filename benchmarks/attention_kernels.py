@@ -23,19 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from newbie_core.attention import AUTO_CUDA_EXPAND_KV, AUTO_CUDA_KERNELS, SDPA_KERNELS, apply_rope, attention  # noqa: E402,E501
-from newbie_core.bench.measure import dit_inputs, dit_step, parity  # noqa: E402
+from newbie_core.bench.measure import dit_inputs, dit_step, parity, sync  # noqa: E402
 from newbie_core.bench.report import slug, write_results  # noqa: E402
 
 
 def _time(fn, device, runs: int) -> float:
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(runs):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return (time.perf_counter() - t0) / runs
 
 
@@ -72,12 +70,12 @@ def kernels(device: torch.device, quick: bool, runs: int) -> dict:
 def dit_steps(device: torch.device, quick: bool, runs: int, kernels_: list[str]) -> dict:
     """The DiT step (bf16, CFG batch 2) with the "sdpa" backend (torch's kernel choice), "auto" (the pack's
     priority) and each kernel in `kernels_`, eager and compiled; relative difference to the first row."""
-    from newbie_core.bench.models import _shapes, random_state_dict
-    from newbie_core.dit import DiTConfig, NextDiT, load_dit
+    from newbie_core.bench.models import random_dit_state_dict
+    from newbie_core.dit import DiTConfig, load_dit
     from newbie_core.tiny.dit import TINY_DIT_CONFIG
 
     cfg = TINY_DIT_CONFIG if quick else DiTConfig.full()
-    sd = random_state_dict(_shapes(lambda: NextDiT(cfg, device="meta")), device, 0)
+    sd = random_dit_state_dict(cfg, device)
     hw, cap = ((16, 16), 24) if quick else ((128, 128), 256)
     out, ref = {}, None
     for kernel in ["sdpa", "auto", *kernels_]:

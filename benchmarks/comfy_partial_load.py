@@ -51,17 +51,14 @@ def write_random_dit(quick: bool, device: torch.device, folder: Path) -> Path:
     """A DiT file in the official layout: tiny (quick) or full size with random bf16 weights."""
     from safetensors.torch import save_file
 
-    from newbie_core.bench.models import random_state_dict
-    from newbie_core.dit import DiTConfig, NextDiT
+    from newbie_core.bench.models import random_dit_state_dict
+    from newbie_core.dit import DiTConfig
     from newbie_core.tiny import make_tiny
 
     if quick:
         return make_tiny(folder)["dit_comfyui"]
-    cfg = DiTConfig.full()
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in NextDiT(cfg, device="meta").state_dict().items()}
     path = folder / "newbie_dit_random.safetensors"
-    save_file(random_state_dict(shapes, device, seed=0), str(path))
+    save_file(random_dit_state_dict(DiTConfig.full(), device), str(path))
     return path
 
 

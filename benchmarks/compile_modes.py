@@ -91,14 +91,14 @@ def gpu_time_split(fwd, inputs, device) -> dict:
 
 def build(device, quick: bool, precision: str):
     """The random-weight DiT in `precision` ("bf16" or "fp8_e4m3fn", fp8 matmuls where the GPU has them)."""
-    from newbie_core.bench.models import _shapes, random_state_dict
-    from newbie_core.dit import DiTConfig, NextDiT, load_dit
+    from newbie_core.bench.models import random_dit_state_dict
+    from newbie_core.dit import DiTConfig, load_dit
     from newbie_core.fp8 import enable_fp8_matmul, fp8_matmul_supported
     from newbie_core.precision import cast_module, parse_precision
     from newbie_core.tiny.dit import TINY_DIT_CONFIG
 
     cfg = TINY_DIT_CONFIG if quick else DiTConfig.full()
-    sd = random_state_dict(_shapes(lambda: NextDiT(cfg, device="meta")), device, 0)
+    sd = random_dit_state_dict(cfg, device)
     dit = load_dit(sd, dtype=torch.bfloat16, device=device, attention="auto")
     if precision != "bf16":
         cast_module(dit, parse_precision(precision, "dit"))

@@ -24,8 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from newbie_core.bench.models import random_state_dict  # noqa: E402
-from newbie_core.dit import DiTConfig, NextDiT  # noqa: E402
+from newbie_core.bench.models import random_dit_state_dict  # noqa: E402
+from newbie_core.dit import DiTConfig  # noqa: E402
 from newbie_core.lora import patch_state_dict, read_lora  # noqa: E402
 from newbie_core.tiny.dit import TINY_DIT_CONFIG  # noqa: E402
 from newbie_core.tiny.lora import write_tiny_lora  # noqa: E402
@@ -51,10 +51,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     config = TINY_DIT_CONFIG if args.quick else DiTConfig.full()
     rank = 4 if args.quick else args.rank
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in NextDiT(config, device="meta").state_dict().items()}
     t0 = time.perf_counter()
-    sd = random_state_dict(shapes, device, seed=0)
+    sd = random_dit_state_dict(config, device)
     rows = {"config": "tiny" if args.quick else "full", "params": sum(v.numel() for v in sd.values()),
             "random_weights_s": round(time.perf_counter() - t0, 2), "formats": {}}
     tmp = Path(tempfile.mkdtemp(prefix="lora-bench-"))
@@ -87,7 +85,7 @@ def main(argv=None) -> int:
     # to_k only: rows q .. q+kv of every qkv change, nothing else
     q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
     kfile = write_tiny_lora(tmp / "k.safetensors", "diffusers", config=config, rank=rank,
-                            only=tuple(k[: -len(".weight")] for k in shapes if k.endswith("attention.qkv.weight")))
+                            only=tuple(k[: -len(".weight")] for k in sd if k.endswith("attention.qkv.weight")))
     from safetensors.torch import load_file, save_file
 
     save_file({k: v for k, v in load_file(str(kfile)).items() if ".attn.to_k." in k}, str(kfile))

@@ -152,11 +152,18 @@ def sdpa_preferred(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     if not _SDPA_CAN_PRIORITISE:
         return sdpa_attention(q, k, v, key_mask)
-    if AUTO_CUDA_EXPAND_KV and k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if AUTO_CUDA_EXPAND_KV:
+        k, v = _expand_kv(q, k, v)
     with sdpa_kernel([_sdpa_backend(n) for n in AUTO_CUDA_KERNELS], set_priority=True):
         return sdpa_attention(q, k, v, key_mask)
+
+
+def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V repeated to every query head (GQA as plain multi-head attention, for kernels that need it)."""
+    if k.shape[1] == q.shape[1]:
+        return k, v
+    rep = q.shape[1] // k.shape[1]
+    return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
 
 
 def _sdpa_backend(kernel: str):
@@ -176,9 +183,8 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             raise ValueError(f"unknown SDPA kernel {kernel!r}; one of {', '.join(SDPA_KERNELS)}")
         from torch.nn.attention import sdpa_kernel
 
-        if kernel.endswith("_expanded") and k.shape[1] != q.shape[1]:
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if kernel.endswith("_expanded"):
+            k, v = _expand_kv(q, k, v)
         with sdpa_kernel([_sdpa_backend(kernel)]):
             return sdpa_attention(q, k, v, key_mask)
     b, hq, _, dh = q.shape

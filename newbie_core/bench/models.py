@@ -60,6 +60,11 @@ def _shapes(factory) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in factory().state_dict().items()}
 
 
+def random_dit_state_dict(config: DiTConfig, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """`random_state_dict` for a NextDiT of `config` (official key layout), generated on `device`."""
+    return random_state_dict(_shapes(lambda: NextDiT(config, device="meta")), device, seed)
+
+
 def full_size_models(device: torch.device, tokenizer_paths: ModelPaths, seed: int = 0) -> dict[str, tuple]:
     """Random full-size DiT, Gemma3-4B text model, Jina v2 text tower and FLUX VAE (bf16, on the CPU).
 
@@ -76,7 +81,7 @@ def full_size_models(device: torch.device, tokenizer_paths: ModelPaths, seed: in
 
     out = {}
     cfg = DiTConfig.full()
-    sd = random_state_dict(_shapes(lambda: NextDiT(cfg, device="meta")), device, seed)
+    sd = random_dit_state_dict(cfg, device, seed)
     dit = load_dit(sd, dtype=DTYPE, device="cpu")
     out["dit"] = (dit, dit)
 
