@@ -140,13 +140,15 @@ def new_executor(execution, server):
     return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_size=0)
 
 
-def api_prompt(name: str, info: dict, args, seed: int) -> dict:
+def api_prompt(name: str, info: dict, args, seed: int, precision: str | None = None) -> dict:
     """A bundled workflow as an API prompt with the benchmark's size/steps/solver/cfg/seed on every sampler (and
-    keep_loaded on every node that has it, with --keep-loaded)."""
+    keep_loaded on every node that has it, with --keep-loaded; `precision` on the DiT and text encoder loaders)."""
     from workflow_convert import ui_to_api
 
     api = ui_to_api(json.loads((ROOT / "workflows" / f"{name}.json").read_text()), info)
     for node in api.values():
+        if precision and node["class_type"] in ("NewBieDiTLoader", "NewBieTextEncoderLoader"):
+            node["inputs"]["precision"] = precision
         if node["class_type"] == "NewBieTextEncoderLoader" and args.text_device:
             node["inputs"]["device"] = args.text_device  # stage placement per node (two GPUs)
         if args.keep_loaded and "keep_loaded" in node["inputs"]:
@@ -159,15 +161,16 @@ def api_prompt(name: str, info: dict, args, seed: int) -> dict:
 
 
 class StepClock:
-    """Times DiT steps and keeps the last sampled latent (wraps the sampler node's stage call)."""
+    """Times DiT steps and keeps the last sampled latent and its conditioning (wraps the sampler node's stage
+    call)."""
 
     def __init__(self, pack_sampler):
-        self.mod, self.stamps, self.latent = pack_sampler, [], None
+        self.mod, self.stamps, self.latent, self.conds = pack_sampler, [], None, None
         stages = pack_sampler.stages
         orig = stages.sample
 
         def sample(host, cond, uncond, settings, on_step=None, **kwargs):
-            self.stamps = [time.perf_counter()]
+            self.stamps, self.conds = [time.perf_counter()], (cond, uncond)
 
             def tick(info):
                 _sync(torch.device(host.device_of("dit")))
@@ -218,8 +221,20 @@ def run_prompt(executor, server, api, device, mm) -> dict:
     return out
 
 
-def cli_latent(paths: dict, api: dict, args, seed: int, device) -> torch.Tensor:
-    """The CLI pipeline's latent for a workflow's settings (same files, precisions, prompts and sampler inputs)."""
+def _rel(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    """Relative L2 difference of `a` to `b` (inf where the shapes differ or only one exists)."""
+    if a is None and b is None:
+        return 0.0
+    if a is None or b is None or a.shape != b.shape:
+        return float("inf")
+    a, b = a.float().cpu(), b.float().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def cli_parity(paths: dict, api: dict, args, seed: int, device, clock: StepClock) -> dict:
+    """The ComfyUI run's final latent against the CLI pipeline's for the workflow's settings (same files,
+    precisions, prompts and sampler inputs), and where a difference comes from: the text stage (conditioning
+    against the CLI's) and the DiT stage alone (the CLI sampling the ComfyUI run's conditioning)."""
     from newbie_core.model_paths import ModelPaths
     from newbie_core.pipeline import GenerationSettings, Pipeline
     from newbie_core.text.prompts import resolve_system_prompt
@@ -235,10 +250,16 @@ def cli_latent(paths: dict, api: dict, args, seed: int, device) -> torch.Tensor:
     s = GenerationSettings(width=args.size, height=args.size, steps=args.steps, cfg=5.0, solver="euler", seed=seed,
                            shift=smp["shift"], cfg_trunc=smp["cfg_trunc"], renorm=smp["renorm"])
     te = inputs("NewBieTextEncode")
-    system = resolve_system_prompt(te.get("system_prompt", "auto"), te["positive"])
-    latents = pipe.generate(te["positive"], te["negative"], s, system_prompt=system).latents.float().cpu()
+    cond, uncond = pipe.encode([te["positive"], te["negative"]], resolve_system_prompt(te.get("system_prompt", "auto"),
+                                                                                       te["positive"]))
+    ref = pipe.sample(cond, uncond, s)
+    ours, (c_cond, c_uncond) = clock.latent, clock.conds
+    text = max(_rel(getattr(x, f), getattr(y, f)) for x, y in ((c_cond, cond), (c_uncond, uncond))
+               for f in ("cap_feats", "pooled"))
+    same_text = pipe.sample(c_cond, c_uncond, s)
     pipe.close() if hasattr(pipe, "close") else None
-    return latents
+    return {"latent_rel_l2_vs_cli": _rel(ours, ref), "text_rel_l2_vs_cli": text,
+            "latent_rel_l2_vs_cli_same_text": _rel(ours, same_text), "precision": prec}
 
 
 def run(args) -> dict:
@@ -269,14 +290,21 @@ def run(args) -> dict:
         r["dit_s_per_step"] = clock.seconds_per_step()
         r["kept_loaded"] = sorted(n["class_type"] for n in api.values() if n["inputs"].get("keep_loaded") is True)
         if name == "newbie_basic_t2i" and r["ok"] and not args.no_cli:
-            ours = clock.latent.float().cpu()
             mm.unload_all_models()
-            ref = cli_latent(paths, api, args, 1, device)
-            r["latent_rel_l2_vs_cli"] = float((ours - ref).norm() / ref.norm().clamp_min(1e-12))
+            r.update(cli_parity(paths, api, args, 1, device, clock))
         result["workflows"][name] = r
         print(name, json.dumps(r), flush=True)
         mm.unload_all_models()
         comfy.model_management.soft_empty_cache(True)
+    if (args.quick or args.parity_fp32) and not args.no_cli:
+        # the basic workflow again with the DiT and text encoders in fp32: a difference to the CLI here is a real
+        # one (≥ 1e-2 for any changed setting or precision), not bf16 rounding of another kernel's summation order
+        api = api_prompt("newbie_basic_t2i", info, args, seed=1, precision="fp32")
+        r = run_prompt(executor, server, api, device, mm)
+        mm.unload_all_models()
+        result["parity_fp32"] = {"ok": r["ok"], **(cli_parity(paths, api, args, 1, device, clock) if r["ok"] else r)}
+        print("parity_fp32", json.dumps(result["parity_fp32"]), flush=True)
+        mm.unload_all_models()
     result["after_free"] = after_free(executor, mm, device, pack)
     if args.queue:
         api = api_prompt("newbie_basic_t2i", info, args, seed=100)
@@ -340,6 +368,12 @@ def markdown(results: list[dict]) -> str:
             lines.append(f"| {name} | {'yes' if w['ok'] else 'NO: ' + w.get('error', '')[:80]} | {w.get('wall_s', '–')} | "
                          f"{w.get('peak_alloc_gib', '–')} | {w.get('peak_resv_gib', '–')} | "
                          f"{'–' if sps is None else f'{sps:.4f}'} | {w.get('latent_rel_l2_vs_cli', '–')} | {slow} |")
+        for label, c in (("as the workflow sets it", r["workflows"].get("newbie_basic_t2i", {})),
+                         ("DiT and text encoders in fp32", r.get("parity_fp32", {}))):
+            if "latent_rel_l2_vs_cli" in c:
+                lines.append(f"\nBasic workflow vs the CLI pipeline, {label}: final latent rel. diff "
+                             f"{c['latent_rel_l2_vs_cli']:.3g} (text conditioning {c['text_rel_l2_vs_cli']:.3g}; the "
+                             f"DiT stage alone on the same conditioning {c['latent_rel_l2_vs_cli_same_text']:.3g}).")
         if "after_free" in r:
             f = r["after_free"]
             lines.append(f"\nAfter /free: {f['free_alloc_gib']} GiB allocated, {f.get('free_resv_gib', '–')} GiB reserved, "
@@ -371,6 +405,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--no-cli", action="store_true", help="skip the CLI latent comparison")
+    p.add_argument("--parity-fp32", action="store_true",
+                   help="also compare the basic workflow with the CLI in fp32 (always on with --quick)")
     p.add_argument("--keep-loaded", action="store_true",
                    help="keep_loaded on in every node that has it (default: the workflows' own, off)")
     p.add_argument("--text-device", default="", help="text encoder loader device, e.g. cuda:1 (two-GPU placement)")

@@ -1,6 +1,6 @@
 """The in-ComfyUI workflow benchmark (benchmarks/comfy_workflow_bench.py) runs end to end in its quick CPU mode:
 the bundled workflows through ComfyUI's own PromptExecutor, in-process, on the tiny models written in ComfyUI's
-layout by the same writer the full-size GPU run uses; the basic workflow's latent equals the CLI's bit for bit."""
+layout by the same writer the full-size GPU run uses; the basic workflow's latent equals the CLI's (fp32)."""
 from __future__ import annotations
 
 import json
@@ -26,7 +26,16 @@ def test_workflow_benchmark_quick_mode_runs_end_to_end(comfy_dir, tmp_path):
         assert w["ok"], (name, w)
         assert any(k.endswith(":NewBieDiTSampler") for k in w["node_s"]) and w["dit_s_per_step"] > 0
         assert w["kept_loaded"] == [], (name, w)  # the bundled workflows release their models after each stage
-    assert flows["newbie_basic_t2i"]["latent_rel_l2_vs_cli"] == 0.0  # same engine, same files, same numbers
+    # Same engine, same files: the ComfyUI run equals the CLI's. Checked in fp32 (run["parity_fp32"]), where a real
+    # difference (another setting, precision or prompt: >= 1e-2 on these models) stands far above the rounding of
+    # another summation order. In bf16 one CPU gave 0.025 once (not reproduced in 40 runs here): bf16 rounding of a
+    # different GEMM kernel is as large as switching the whole DiT to fp32 (0.025), so bf16 is only checked for
+    # gross errors (no system prompt: 0.38); each figure says which stage differs.
+    parity = run["parity_fp32"]
+    assert parity["ok"] and parity["precision"] == {"dit": "fp32", "text": "fp32", "vae": "fp32"}, parity
+    for key in ("text_rel_l2_vs_cli", "latent_rel_l2_vs_cli_same_text", "latent_rel_l2_vs_cli"):
+        assert parity[key] < 1e-4, (key, parity)
+        assert flows["newbie_basic_t2i"][key] < 0.1, (key, flows["newbie_basic_t2i"])
     assert run["after_free"]["free_alloc_gib"] == 0.0 and "purge_rss_mib" in run["after_free"]
     assert run["queue"]["n"] == 2 and len(run["queue"]["rss_mib"]) == 2
     assert (tmp_path / next(tmp_path.glob("*-quick.json")).name.replace(".json", ".md")).is_file()
