@@ -8,9 +8,11 @@ The full-size random-weight DiT (CFG batch 2, 1024²: 4096 image + 256 caption t
 default compile of the same precision. Variants: CUDA graphs (`mode="reduce-overhead"`, `cudagraphs`),
 inductor's coordinate-descent tuning of its own kernels, inductor's multi-kernel (`multi_kernel`: persistent
 reductions up to 16× longer rows, e.g. the norms over 2304 channels, each benchmarked against the looped form),
-`max-autotune-no-cudagraphs` (GEMM autotuning, `--autotune`), and SwiGLU with w1‖w3 in one GEMM (the two
-weights concatenated once; fp8: one activation quantisation and one scaled matmul instead of two). A torch
-profile of the default compile splits GPU time into GEMMs, attention and the rest. Writes
+`max-autotune-no-cudagraphs` (GEMM autotuning, `--autotune`), `gate_kernel` (fp8: the SwiGLU gate + row
+quantisation in one Triton kernel, `newbie_core/fp8_gate.py`, instead of inductor's looped fusion), and
+SwiGLU with w1‖w3 in one GEMM (the two weights concatenated once; fp8: one activation quantisation and one
+scaled matmul instead of two). A torch profile of the default compile (and of `gate_kernel`) splits GPU time
+into GEMMs, attention and the rest. Writes
 `compile-modes-<gpu>.json` and `.md`.
 """
 from __future__ import annotations
@@ -22,11 +24,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from newbie_core import fp8_gate  # noqa: E402
 from newbie_core.bench.measure import dit_inputs, dit_step, parity  # noqa: E402
 from newbie_core.bench.report import slug, write_results  # noqa: E402
 
@@ -56,7 +58,7 @@ def fuse_swiglu(dit) -> int:
 def _fused_forward(ff, linear_forward, x: torch.Tensor) -> torch.Tensor:
     h = linear_forward(x, ff.w13, ff.w13_scale, None, ff.w1.fp8_matmul)
     a, b = h.chunk(2, dim=-1)
-    return ff.w2(F.silu(a) * b)
+    return fp8_gate.swiglu(a, b, ff.w2)
 
 
 def gpu_time_split(fwd, inputs, device) -> dict:
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cuda")
     p.add_argument("--precisions", default="bf16,fp8_e4m3fn")
-    p.add_argument("--variants", default="default,coordinate_descent,fused_swiglu,fused_coordinate_descent")
+    p.add_argument("--variants", default="default,gate_kernel,coordinate_descent,fused_swiglu,fused_coordinate_descent")
     p.add_argument("--autotune", action="store_true", help="also max-autotune-no-cudagraphs (minutes of tuning)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -143,15 +145,19 @@ def main(argv: list[str] | None = None) -> int:
                         else {"triton.multi_kernel": 1} if variant.endswith("multi_kernel") else {})
             torch._dynamo.reset()
             patch = inductor_config.patch(settings) if settings else contextlib.nullcontext()
-            with patch:
-                fwd = torch.compile(dit, fullgraph=True, dynamic=False, mode=mode)
-                r = dit_step(fwd, inputs, device, runs=runs)
-                out = r.pop("out")
-                ref = out if ref is None else ref
-                row = {"precision": precision, "variant": variant, **{k: round(v, 5) for k, v in r.items()},
-                       **parity(out, ref)}
-                if variant == "default":
-                    row["profile"] = gpu_time_split(fwd, inputs, device)
+            fp8_gate.set_enabled(variant == "gate_kernel")
+            try:
+                with patch:
+                    fwd = torch.compile(dit, fullgraph=True, dynamic=False, mode=mode)
+                    r = dit_step(fwd, inputs, device, runs=runs)
+                    out = r.pop("out")
+                    ref = out if ref is None else ref
+                    row = {"precision": precision, "variant": variant, **{k: round(v, 5) for k, v in r.items()},
+                           **parity(out, ref)}
+                    if variant in ("default", "gate_kernel"):
+                        row["profile"] = gpu_time_split(fwd, inputs, device)
+            finally:
+                fp8_gate.set_enabled(False)
             res["rows"].append(row)
             print(f"{precision:>10} {variant:>26}: {row['seconds']:.4f} s/step (first {row['first_call_s']:.0f} s) "
                   f"peak {row['peak_alloc_gib']:.2f} GiB diff {row['rel_l2_diff']:.2e}", flush=True)
@@ -176,7 +182,7 @@ def markdown(res: dict) -> str:
     for r in res["rows"]:
         if "profile" in r:
             ms = r["profile"]["ms"]
-            lines.append(f"\nGPU time of one {r['precision']} default step: GEMMs {ms['gemm']} ms, attention "
+            lines.append(f"\nGPU time of one {r['precision']} {r['variant']} step: GEMMs {ms['gemm']} ms, attention "
                          f"{ms['attention']} ms, other kernels {ms['other']} ms.")
     return "\n".join(lines) + "\n"
 

@@ -131,6 +131,20 @@ class Fp8Linear(nn.Linear):
         """`x @ Wᵀ + b` (see `linear_forward`)."""
         return linear_forward(x, self.weight, self.weight_scale, self.bias, self.fp8_matmul)
 
+    def fp8_input_ready(self, x: torch.Tensor) -> bool:
+        """True when this layer can take its input already quantised (`forward_fp8_input`): a resident fp8
+        weight with scales on `x`'s device, fp8 matmuls on, shapes the tensor cores take. A host whose layers
+        cast weights per call (ComfyUI's partial load, LoRA patches) overrides this to say no then."""
+        return (self.fp8_matmul and self.weight_scale is not None and self.weight.dtype == FP8
+                and self.weight.device == x.device and self.in_features % 16 == 0 and self.out_features % 16 == 0
+                and x.numel() // x.shape[-1] >= _MIN_ROWS)
+
+    def forward_fp8_input(self, x8: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """`x @ Wᵀ + b` for an input already quantised per row (`x8 [M,K]` e4m3fn, `x_scale [M,1]`): one scaled
+        matmul, output [M,N] in `out_dtype`. Only where `fp8_input_ready`."""
+        return torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.view(1, -1),
+                                bias=None if self.bias is None else self.bias.to(out_dtype), out_dtype=out_dtype)
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight in `dtype` (fp8 weights multiplied by their scales)."""
         return dequantize_weight(self.weight, self.weight_scale, dtype)
