@@ -53,6 +53,17 @@ comfy=$("$PYTHON" "$root/scripts/find_comfyui.py" || true)
 [[ -n $comfy ]] || say "no ComfyUI tree found (set COMFYUI_DIR): node and integration tests will skip"
 make_venv "$VENV" "$comfy"
 
+# Triton, for its CPU interpreter only (tests/core/test_fp8_gate.py runs the GPU kernels' logic on the CPU), kept
+# aside in .triton-interp rather than in the venv. Best effort: without it (no network or disk) those tests skip.
+if [[ ! -d $root/.triton-interp/triton ]]; then
+  tmp=$(mktemp -d "$root/.triton-interp.XXXXXX")
+  if "$VENV/bin/python" -m pip install -q --no-deps --target "$tmp" triton==3.9.0 2>/dev/null; then
+    rm -rf "$root/.triton-interp" && mv "$tmp" "$root/.triton-interp" && say "Triton 3.9.0 (interpreter tests) in .triton-interp"
+  else
+    rm -rf "$tmp"; say "Triton not installed: the Triton-interpreter tests will skip"
+  fi
+fi
+
 comfy2=$("$PYTHON" "$root/scripts/find_comfyui.py" --second || true)
 if [[ -n $comfy2 ]]; then
   make_venv "$root/$("$PYTHON" "$root/scripts/find_comfyui.py" --venv)" "$comfy2"

@@ -23,8 +23,10 @@ from newbie_core.precision import cast_module, parse_precision
 
 GPU = torch.cuda.is_available() and fp8_matmul_supported("cuda") and fp8_gate.AVAILABLE
 needs_gpu = pytest.mark.skipif(not GPU, reason="the fused fp8 gate needs Triton and a CUDA GPU of capability >= 8.9")
-# Triton for its CPU interpreter: importable here, or installed aside (pip install --target DIR triton) and named
-TRITON_SITE = os.environ.get("NEWBIE_TRITON_SITE", "")
+# Triton for its CPU interpreter: importable here, or installed aside (pip install --target DIR triton) in
+# $NEWBIE_TRITON_SITE or where scripts/setup.sh puts it (.triton-interp)
+_SETUP_SITE = Path(__file__).resolve().parents[2] / ".triton-interp"
+TRITON_SITE = os.environ.get("NEWBIE_TRITON_SITE", "") or (str(_SETUP_SITE) if (_SETUP_SITE / "triton").is_dir() else "")
 HAS_TRITON = bool(TRITON_SITE) or importlib.util.find_spec("triton") is not None
 
 
