@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,9 @@ if importlib.util.find_spec("triton") is not None and hasattr(torch.library, "tr
         tl.store(q_ptr + row * stride_q + cols, q.to(tl.float8e4nv), mask=mask)
         tl.store(s_ptr + row, scale)
 
-    @triton_op("newbie::swiglu_quant_fp8", mutates_args=())
+    # one op name per copy of this module: ComfyUI imports the pack under its folder's name, beside a plain
+    # `newbie_core` (the benchmarks, the tests), and older torch refuses to define one op name twice
+    @triton_op("newbie::" + re.sub(r"\W", "_", __name__) + "_swiglu_quant_fp8", mutates_args=())
     def _swiglu_quant_fp8(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows, cols = a.shape
         q = torch.empty((rows, cols), device=a.device, dtype=torch.float8_e4m3fn)
