@@ -253,13 +253,14 @@ def cli_parity(paths: dict, api: dict, args, seed: int, device, clock: StepClock
     cond, uncond = pipe.encode([te["positive"], te["negative"]], resolve_system_prompt(te.get("system_prompt", "auto"),
                                                                                        te["positive"]))
     ref = pipe.sample(cond, uncond, s)
+    repeat = _rel(pipe.sample(cond, uncond, s), ref)  # the CLI against itself: 0 unless its sampling is unrepeatable
     ours, (c_cond, c_uncond) = clock.latent, clock.conds
     text = max(_rel(getattr(x, f), getattr(y, f)) for x, y in ((c_cond, cond), (c_uncond, uncond))
                for f in ("cap_feats", "pooled"))
     same_text = pipe.sample(c_cond, c_uncond, s)
     pipe.close() if hasattr(pipe, "close") else None
     return {"latent_rel_l2_vs_cli": _rel(ours, ref), "text_rel_l2_vs_cli": text,
-            "latent_rel_l2_vs_cli_same_text": _rel(ours, same_text), "precision": prec}
+            "latent_rel_l2_vs_cli_same_text": _rel(ours, same_text), "cli_repeat_rel_l2": repeat, "precision": prec}
 
 
 def run(args) -> dict:
@@ -292,6 +293,11 @@ def run(args) -> dict:
         if name == "newbie_basic_t2i" and r["ok"] and not args.no_cli:
             mm.unload_all_models()
             r.update(cli_parity(paths, api, args, 1, device, clock))
+            if r["latent_rel_l2_vs_cli"] != 0.0:  # is either side unrepeatable on its own? (the same graph again)
+                first = clock.latent
+                again = run_prompt(executor, server, api, device, mm)
+                r["comfyui_repeat_rel_l2"] = _rel(clock.latent, first) if again["ok"] else again.get("error")
+                mm.unload_all_models()
         result["workflows"][name] = r
         print(name, json.dumps(r), flush=True)
         mm.unload_all_models()

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 from comfy_server import REPO_ROOT
 
@@ -31,11 +32,16 @@ def test_workflow_benchmark_quick_mode_runs_end_to_end(comfy_dir, tmp_path):
     # another summation order. In bf16 one CPU gave 0.025 once (not reproduced in 40 runs here): bf16 rounding of a
     # different GEMM kernel is as large as switching the whole DiT to fp32 (0.025), so bf16 is only checked for
     # gross errors (no system prompt: 0.38); each figure says which stage differs.
+    basic = flows["newbie_basic_t2i"]
+    if basic["latent_rel_l2_vs_cli"] != 0.0:  # shown in the CI summary, so the next occurrence says where it came from
+        figures = {k: v for k, v in basic.items() if "rel_l2" in k}
+        warnings.warn(f"bf16 latent of the basic workflow differs from the CLI's: {figures}")
+    assert basic["cli_repeat_rel_l2"] == 0.0  # the CLI's sampling repeats itself exactly
     parity = run["parity_fp32"]
     assert parity["ok"] and parity["precision"] == {"dit": "fp32", "text": "fp32", "vae": "fp32"}, parity
     for key in ("text_rel_l2_vs_cli", "latent_rel_l2_vs_cli_same_text", "latent_rel_l2_vs_cli"):
         assert parity[key] < 1e-4, (key, parity)
-        assert flows["newbie_basic_t2i"][key] < 0.1, (key, flows["newbie_basic_t2i"])
+        assert basic[key] < 0.1, (key, basic)
     assert run["after_free"]["free_alloc_gib"] == 0.0 and "purge_rss_mib" in run["after_free"]
     assert run["queue"]["n"] == 2 and len(run["queue"]["rss_mib"]) == 2
     assert (tmp_path / next(tmp_path.glob("*-quick.json")).name.replace(".json", ".md")).is_file()
