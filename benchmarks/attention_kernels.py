@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,18 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from newbie_core.attention import AUTO_CUDA_EXPAND_KV, AUTO_CUDA_KERNELS, SDPA_KERNELS, apply_rope, attention  # noqa: E402,E501
-from newbie_core.bench.measure import dit_inputs, dit_step, parity, sync  # noqa: E402
+from newbie_core.bench.measure import dit_inputs, dit_step, mean_seconds, parity  # noqa: E402
 from newbie_core.bench.report import slug, write_results  # noqa: E402
-
-
-def _time(fn, device, runs: int) -> float:
-    fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(runs):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / runs
 
 
 def kernels(device: torch.device, quick: bool, runs: int) -> dict:
@@ -53,16 +42,16 @@ def kernels(device: torch.device, quick: bool, runs: int) -> dict:
         except RuntimeError as e:  # a kernel this GPU/torch lacks for these shapes
             out[kernel] = {"error": str(e).splitlines()[0][:160]}
             continue
-        sec = _time(lambda: attention(q, k, v, None, backend="sdpa", kernel=kernel), device, runs)
+        sec = mean_seconds(lambda: attention(q, k, v, None, backend="sdpa", kernel=kernel), device, runs)
         flops = 4 * b * hq * s * s * dh
         out[kernel] = {"ms": round(sec * 1e3, 3), "tflops": round(flops / sec / 1e12, 1), **parity(o, ref)}
     cos, sin = (torch.randn(b, s, 1, dh // 2, generator=g).to(device) for _ in range(2))
     x = torch.randn(b, s, hq, dh, generator=g).to(device, dtype)
-    out["rope_complex_eager"] = {"ms": round(_time(lambda: apply_rope(x, cos, sin), device, runs) * 1e3, 3)}
-    out["rope_real_eager"] = {"ms": round(_time(lambda: apply_rope(x, cos, sin, "real"), device, runs) * 1e3, 3)}
+    out["rope_complex_eager"] = {"ms": round(mean_seconds(lambda: apply_rope(x, cos, sin), device, runs) * 1e3, 3)}
+    out["rope_real_eager"] = {"ms": round(mean_seconds(lambda: apply_rope(x, cos, sin, "real"), device, runs) * 1e3, 3)}
     out["rope_real_eager"].update(parity(apply_rope(x, cos, sin, "real"), apply_rope(x, cos, sin)))
     real = torch.compile(apply_rope, fullgraph=True, dynamic=False)
-    out["rope_real_compiled"] = {"ms": round(_time(lambda: real(x, cos, sin), device, runs) * 1e3, 3)}
+    out["rope_real_compiled"] = {"ms": round(mean_seconds(lambda: real(x, cos, sin), device, runs) * 1e3, 3)}
     out["rope_real_compiled"].update(parity(real(x, cos, sin), apply_rope(x, cos, sin)))
     return out
 

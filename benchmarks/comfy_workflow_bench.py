@@ -227,8 +227,9 @@ def _rel(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
         return 0.0
     if a is None or b is None or a.shape != b.shape:
         return float("inf")
-    a, b = a.float().cpu(), b.float().cpu()
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+    from newbie_core.bench.measure import parity
+
+    return parity(a, b)["rel_l2_diff"]
 
 
 def cli_parity(paths: dict, api: dict, args, seed: int, device, clock: StepClock) -> dict:
@@ -297,7 +298,6 @@ def run(args) -> dict:
                 first = clock.latent
                 again = run_prompt(executor, server, api, device, mm)
                 r["comfyui_repeat_rel_l2"] = _rel(clock.latent, first) if again["ok"] else again.get("error")
-                mm.unload_all_models()
         result["workflows"][name] = r
         print(name, json.dumps(r), flush=True)
         mm.unload_all_models()
@@ -310,7 +310,6 @@ def run(args) -> dict:
         mm.unload_all_models()
         result["parity_fp32"] = {"ok": r["ok"], **(cli_parity(paths, api, args, 1, device, clock) if r["ok"] else r)}
         print("parity_fp32", json.dumps(result["parity_fp32"]), flush=True)
-        mm.unload_all_models()
     result["after_free"] = after_free(executor, mm, device, pack)
     if args.queue:
         api = api_prompt("newbie_basic_t2i", info, args, seed=100)

@@ -18,23 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from newbie_core import fp8_gate  # noqa: E402
+from newbie_core.bench.measure import mean_seconds  # noqa: E402
 from newbie_core.bench.report import slug, write_results  # noqa: E402
 from newbie_core.fp8 import FP8_MAX, _quantize_rows_eager  # noqa: E402
-
-
-def _time(fn, runs: int = 50) -> float:
-    """Median milliseconds of `fn()` over `runs` CUDA-event timed calls (after 5 warm-up calls)."""
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,12 +35,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("needs a CUDA GPU and Triton")
     import triton
 
+    def _ms(fn) -> float:
+        return 1e3 * mean_seconds(fn, torch.device("cuda"), runs=50)
+
     torch.manual_seed(0)
     a = torch.randn(args.rows, 2 * args.cols, device="cuda", dtype=torch.bfloat16).chunk(2, dim=-1)
     a, b = a[0], a[1]  # views of one [M, 2N] GEMM output, as the fused w1‖w3 layout gives them; strides 2N
     ref_q, ref_s = _quantize_rows_eager(F.silu(a.float()) * b.float())
     inductor = torch.compile(lambda x, y: _quantize_rows_eager(F.silu(x) * y), fullgraph=True, dynamic=False)
-    rows = [{"way": "inductor (silu·b then row quantisation, compiled)", "ms": _time(lambda: inductor(a, b))}]
+    rows = [{"way": "inductor (silu·b then row quantisation, compiled)", "ms": _ms(lambda: inductor(a, b))}]
     block = triton.next_power_of_2(args.cols)
     for warps in (8, 16, 32):
         q = torch.empty(args.rows, args.cols, device="cuda", dtype=torch.float8_e4m3fn)
@@ -63,12 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         def run(warps=warps, q=q, s=s):
             fp8_gate._gate_quant_kernel[(args.rows,)](a, b, q, s, args.cols, a.stride(0), b.stride(0), q.stride(0),
                                                       FP8_LIMIT=FP8_MAX, BLOCK=block, num_warps=warps)
-        ms = _time(run)
+        ms = _ms(run)
         same = (q.view(torch.uint8) == ref_q.view(torch.uint8)).float().mean().item()
         rows.append({"way": f"fused kernel, {warps} warps", "ms": ms, "fp8_bytes_equal": round(same, 6),
                      "scale_max_rel_diff": float(((s - ref_s).abs() / ref_s).max())})
     q, s = fp8_gate.swiglu_quant_fp8(a, b)
-    rows.append({"way": "fused op as the DiT calls it (auto warps)", "ms": _time(lambda: fp8_gate.swiglu_quant_fp8(a, b))})
+    rows.append({"way": "fused op as the DiT calls it (auto warps)", "ms": _ms(lambda: fp8_gate.swiglu_quant_fp8(a, b))})
     moved = a.numel() * 2 * 2 + q.numel() + s.numel() * 4  # bytes read (a, b bf16) + written (q, scales)
     for r in rows:
         r["ms"] = round(r["ms"], 4)

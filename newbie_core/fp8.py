@@ -80,13 +80,24 @@ def fp8_matmul_supported(device: torch.device | str | None) -> bool:
     return hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(dev) >= (8, 9)
 
 
+def scaled_matmul(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """`(x8·x_scale) @ (W8·w_scale)ᵀ + b` for a row-quantised input `x8 [M,K]` (`x_scale [M,1]`) on fp8 tensor
+    cores: one `torch._scaled_mm`, fp32 accumulation, output [M,N] in `out_dtype`."""
+    return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1),
+                            bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
+
+
+def fp8_matmul_shapes_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Shapes the fp8 tensor-core matmul takes (and pays off at): both dims multiples of 16, enough rows."""
+    return x.shape[-1] % 16 == 0 and weight.shape[0] % 16 == 0 and x.numel() // x.shape[-1] >= _MIN_ROWS
+
+
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`x @ (W8·s)ᵀ + b` on fp8 tensor cores: x quantised per row, fp32 accumulation, output in x's dtype."""
     shape = x.shape
     x8, x_scale = _quantize_rows(x.reshape(-1, shape[-1]))
-    out = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1),
-                           bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
-    return out.view(*shape[:-1], w8.shape[0])
+    return scaled_matmul(x8, x_scale, w8, w_scale, bias, x.dtype).view(*shape[:-1], w8.shape[0])
 
 
 def linear_forward(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
@@ -104,8 +115,7 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | 
         return F.linear(x, weight, bias)
     if scale is None:
         return F.linear(x, weight.to(x.dtype), bias)
-    if (fp8_matmul and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] % 16 == 0
-            and weight.shape[0] % 16 == 0 and x.numel() // x.shape[-1] >= _MIN_ROWS):
+    if fp8_matmul and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and fp8_matmul_shapes_ok(x, weight):
         return fp8_linear(x, weight, scale, bias)
     return F.linear(x, dequantize_weight(weight, scale, x.dtype), bias)
 
@@ -136,14 +146,12 @@ class Fp8Linear(nn.Linear):
         weight with scales on `x`'s device, fp8 matmuls on, shapes the tensor cores take. A host whose layers
         cast weights per call (ComfyUI's partial load, LoRA patches) overrides this to say no then."""
         return (self.fp8_matmul and self.weight_scale is not None and self.weight.dtype == FP8
-                and self.weight.device == x.device and self.in_features % 16 == 0 and self.out_features % 16 == 0
-                and x.numel() // x.shape[-1] >= _MIN_ROWS)
+                and self.weight.device == x.device and fp8_matmul_shapes_ok(x, self.weight))
 
     def forward_fp8_input(self, x8: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """`x @ Wᵀ + b` for an input already quantised per row (`x8 [M,K]` e4m3fn, `x_scale [M,1]`): one scaled
         matmul, output [M,N] in `out_dtype`. Only where `fp8_input_ready`."""
-        return torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.view(1, -1),
-                                bias=None if self.bias is None else self.bias.to(out_dtype), out_dtype=out_dtype)
+        return scaled_matmul(x8, x_scale, self.weight, self.weight_scale, self.bias, out_dtype)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight in `dtype` (fp8 weights multiplied by their scales)."""

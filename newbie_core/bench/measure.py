@@ -56,6 +56,17 @@ def dit_inputs(dit, device: torch.device, batch: int = 2, latent_hw: tuple[int, 
     return (x, t, feats, mask, pooled), dit.prepare(mask, h, w)
 
 
+def mean_seconds(fn: Callable, device: torch.device, runs: int) -> float:
+    """Mean seconds of `fn()` over `runs` calls after one warm-up call (a kernel alone: the benchmarks' timer)."""
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / runs
+
+
 @torch.no_grad()
 def dit_step(forward: Callable, inputs: tuple, device: torch.device, runs: int = 5, warmup: int = 2) -> dict:
     """Mean seconds of `forward(*args, layout=layout)` over `runs` after `warmup` calls; peak memory; output.
