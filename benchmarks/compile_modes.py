@@ -9,9 +9,11 @@ default compile of the same precision. Variants: CUDA graphs (`mode="reduce-over
 inductor's coordinate-descent tuning of its own kernels, inductor's multi-kernel (`multi_kernel`: persistent
 reductions up to 16× longer rows, e.g. the norms over 2304 channels, each benchmarked against the looped form),
 `max-autotune-no-cudagraphs` (GEMM autotuning, `--autotune`), `gate_kernel` (fp8: the SwiGLU gate + row
-quantisation in one Triton kernel, `newbie_core/fp8_gate.py`, instead of inductor's looped fusion), and
+quantisation in one Triton kernel, `newbie_core/fp8_gate.py`, instead of inductor's looped fusion),
+`ragged_attention` (the CFG pair's two caption lengths in one cuDNN ragged call, `attention.ragged_attention`,
+instead of two calls; `ragged_gate_kernel`: both), and
 SwiGLU with w1‖w3 in one GEMM (the two weights concatenated once; fp8: one activation quantisation and one
-scaled matmul instead of two). A torch profile of the default compile (and of `gate_kernel`) splits GPU time
+scaled matmul instead of two). A torch profile of the default compile (and of the kernel variants) splits GPU time
 into GEMMs, attention and the rest. Writes
 `compile-modes-<gpu>.json` and `.md`.
 """
@@ -28,9 +30,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from newbie_core import fp8_gate  # noqa: E402
+from newbie_core import attention, fp8_gate  # noqa: E402
 from newbie_core.bench.measure import dit_inputs, dit_step, parity  # noqa: E402
 from newbie_core.bench.report import slug, write_results  # noqa: E402
+
+
+PROFILED = ("default", "gate_kernel", "ragged_attention", "ragged_gate_kernel")
 
 
 def fuse_swiglu(dit) -> int:
@@ -145,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                         else {"triton.multi_kernel": 1} if variant.endswith("multi_kernel") else {})
             torch._dynamo.reset()
             patch = inductor_config.patch(settings) if settings else contextlib.nullcontext()
-            fp8_gate.set_enabled(variant == "gate_kernel")
+            fp8_gate.set_enabled(variant.endswith("gate_kernel"))
+            attention.set_ragged(variant.startswith("ragged"))
             try:
                 with patch:
                     fwd = torch.compile(dit, fullgraph=True, dynamic=False, mode=mode)
@@ -154,10 +160,11 @@ def main(argv: list[str] | None = None) -> int:
                     ref = out if ref is None else ref
                     row = {"precision": precision, "variant": variant, **{k: round(v, 5) for k, v in r.items()},
                            **parity(out, ref)}
-                    if variant in ("default", "gate_kernel"):
+                    if variant in PROFILED:
                         row["profile"] = gpu_time_split(fwd, inputs, device)
             finally:
                 fp8_gate.set_enabled(False)
+                attention.set_ragged(False)
             res["rows"].append(row)
             print(f"{precision:>10} {variant:>26}: {row['seconds']:.4f} s/step (first {row['first_call_s']:.0f} s) "
                   f"peak {row['peak_alloc_gib']:.2f} GiB diff {row['rel_l2_diff']:.2e}", flush=True)
