@@ -107,3 +107,23 @@ def test_cudnn_ragged_matches_two_calls_on_the_gpu(lengths):
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
     fused = torch.compile(lambda a, b, c: ragged_attention(a, b, c, prefix), fullgraph=True)
     torch.testing.assert_close(fused(q, k, v), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_cfg_pair_benchmark_quick_mode(tmp_path):
+    """benchmarks/cfg_pair_attention.py end to end on the CPU: every variant measured or its error recorded,
+    eager and compiled (the CUDA-only kernels record errors here)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "cfg_pair_attention.py"), "--quick", "--device",
+                           "cpu", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (res,) = [json.loads(p.read_text()) for p in tmp_path.glob("cfg-pair-attention-*.json")]
+    assert res["lengths"] == [80, 70] and len(res["variants"]) == 8
+    for name, row in res["variants"].items():
+        for mode in ("eager", "compiled"):
+            assert (f"{mode}_ms" in row) != (f"{mode}_error" in row), (name, mode, row)
+    assert "NotImplementedError" in res["variants"]["ragged_cudnn"]["eager_error"]  # cuDNN: CUDA only
