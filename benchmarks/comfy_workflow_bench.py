@@ -7,10 +7,13 @@ measured as users run them.
 One run = one ComfyUI memory setting (ComfyUI reads its flags at import): `--comfy-args=--lowvram`,
 `--comfy-args "--reserve-vram 2"`, `--card-gib 8` (a smaller card: torch.cuda.set_per_process_memory_fraction).
 `--all` runs the standard settings each in its own process and writes one report. Per workflow: per-node wall
-time, whole-graph peak allocated/reserved VRAM, DiT s/step (median step interval), the final latent's relative
+time, whole-graph peak allocated/reserved VRAM, DiT s/step (median step interval: our sampler's step callback,
+or ComfyUI's progress hook for core KSampler graphs), the final latent's relative
 difference to the CLI pipeline's for the same settings (basic workflow); then `--queue` generations of the basic
 workflow (a new seed each, as a queue of users' prompts) for VRAM/RSS growth. Model files are random full-size
 weights in ComfyUI's layout (benchmarks/comfy_model_files.py), written once under --models-dir.
+Where the running ComfyUI has its own NewBie model (the 0.4.0 fork), `native_ksampler` runs the core-KSampler
+graph with the DiT loaded by ComfyUI's UNETLoader (its native model, same file), beside the same graph on ours.
 """
 from __future__ import annotations
 
@@ -32,8 +35,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests" / "integration")]
 GiB, MiB = 2**30, 2**20
+CORE_KSAMPLER = "newbie_comfyui_template_ksampler"
+# the core-KSampler graph again with the DiT loaded by ComfyUI's own UNETLoader: the running ComfyUI's native
+# NewBie model (the E-Anlia/ComfyUI-NewBie 0.4.0 fork), same file, same sampler, same run
+NATIVE_KSAMPLER = "native_ksampler"
 WORKFLOWS = ["newbie_basic_t2i", "newbie_low_vram", "newbie_precision_swap", "newbie_xml_multi_character",
-             "newbie_interop_core_nodes"]
+             "newbie_interop_core_nodes", CORE_KSAMPLER, NATIVE_KSAMPLER]
 SETTINGS = {"default": [], "lowvram": ["--comfy-args=--lowvram"], "reserve-vram-2": ["--comfy-args=--reserve-vram 2"],
             "card-8gb": ["--card-gib", "8"], "card-6gb": ["--card-gib", "6"]}
 
@@ -95,6 +102,7 @@ def start_comfyui(args) -> tuple:
         folder_paths.add_model_folder_path(key, str(Path(args.models_dir) / key), is_default=True)
     if not asyncio.run(nodes.load_custom_node(str(ROOT))):
         sys.exit("the pack failed to load into ComfyUI (see the log above)")
+    asyncio.run(nodes.init_builtin_extra_nodes())  # comfy_extras: the core-KSampler graph's ModelSamplingAuraFlow
     return mm, execution, nodes
 
 
@@ -140,11 +148,40 @@ def new_executor(execution, server):
     return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_size=0)
 
 
+class ProgressClock:
+    """Times sampler steps through ComfyUI's progress-bar hook (every sampler reports each step there: core
+    KSampler with any model, and ours)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.stamps = device, []
+
+    def hook(self, value, total, *_a, **_k):  # noqa: D102
+        _sync(self.device)
+        self.stamps.append(time.perf_counter())
+
+    def seconds_per_step(self) -> float | None:
+        d = [b - a for a, b in zip(self.stamps[1:], self.stamps[2:])]  # first interval: warm-up, skipped
+        return statistics.median_high(d) if d else None
+
+
+def native_prompt(api: dict) -> dict:
+    """`api` with each NewBieDiTLoader replaced by ComfyUI's UNETLoader on the same file (the running ComfyUI's
+    own model for it, weights in their stored dtype)."""
+    out = json.loads(json.dumps(api))
+    for node in out.values():
+        if node["class_type"] == "NewBieDiTLoader":
+            node["class_type"] = "UNETLoader"
+            node["inputs"] = {"unet_name": node["inputs"]["dit_name"], "weight_dtype": "default"}
+    return out
+
+
 def api_prompt(name: str, info: dict, args, seed: int, precision: str | None = None) -> dict:
     """A bundled workflow as an API prompt with the benchmark's size/steps/solver/cfg/seed on every sampler (and
     keep_loaded on every node that has it, with --keep-loaded; `precision` on the DiT and text encoder loaders)."""
     from workflow_convert import ui_to_api
 
+    if name == NATIVE_KSAMPLER:
+        return native_prompt(api_prompt(CORE_KSAMPLER, info, args, seed, precision))
     api = ui_to_api(json.loads((ROOT / "workflows" / f"{name}.json").read_text()), info)
     for node in api.values():
         if precision and node["class_type"] in ("NewBieDiTLoader", "NewBieTextEncoderLoader"):
@@ -277,6 +314,8 @@ def run(args) -> dict:
     server = BenchServer(device)
     executor = new_executor(execution, server)
     import comfy
+    import comfy.model_base
+    import comfy.utils
 
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "comfyui": getattr(__import__("comfyui_version"), "__version__", "?"), "comfy_args": args.comfy_args,
@@ -284,12 +323,17 @@ def run(args) -> dict:
               "size": args.size, "steps": args.steps,
               "async_offload": sys.modules[pack.__name__.rsplit(".", 1)[0] + "._comfy_compat"].COMFY_ASYNC_OFFLOAD,
               "workflows": {}}
+    progress = ProgressClock(device)
+    comfy.utils.set_progress_bar_global_hook(progress.hook)
     for name in args.workflows.split(","):
         if args.quick and name == "newbie_interop_core_nodes":
             continue  # core VAELoader needs the real FLUX VAE architecture (full-size runs only)
+        if name == NATIVE_KSAMPLER and (args.quick or not hasattr(comfy.model_base, "NewBieImage")):
+            continue  # no native NewBie model in this ComfyUI (and its detection wants the full-size DiT)
         api = api_prompt(name, info, args, seed=1)
+        clock.stamps, progress.stamps = [], []
         r = run_prompt(executor, server, api, device, mm)
-        r["dit_s_per_step"] = clock.seconds_per_step()
+        r["dit_s_per_step"] = clock.seconds_per_step() or progress.seconds_per_step()
         r["kept_loaded"] = sorted(n["class_type"] for n in api.values() if n["inputs"].get("keep_loaded") is True)
         if name == "newbie_basic_t2i" and r["ok"] and not args.no_cli:
             mm.unload_all_models()

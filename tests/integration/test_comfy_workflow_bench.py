@@ -22,10 +22,14 @@ def test_workflow_benchmark_quick_mode_runs_end_to_end(comfy_dir, tmp_path):
     run = result[0]
     assert run["device"] == "cpu" and run["comfyui"] not in ("?", None)
     flows = run["workflows"]
-    assert {"newbie_basic_t2i", "newbie_low_vram", "newbie_precision_swap", "newbie_xml_multi_character"} <= set(flows)
+    assert {"newbie_basic_t2i", "newbie_low_vram", "newbie_precision_swap", "newbie_xml_multi_character",
+            "newbie_comfyui_template_ksampler"} <= set(flows)
+    assert "native_ksampler" not in flows  # the native model's detection wants the full-size DiT: GPU runs only
     for name, w in flows.items():
         assert w["ok"], (name, w)
-        assert any(k.endswith(":NewBieDiTSampler") for k in w["node_s"]) and w["dit_s_per_step"] > 0
+        # our sampler's step callback, or ComfyUI's progress hook for the core-KSampler graph
+        sampler = ":KSampler" if name == "newbie_comfyui_template_ksampler" else ":NewBieDiTSampler"
+        assert any(k.endswith(sampler) for k in w["node_s"]) and w["dit_s_per_step"] > 0, (name, w)
         assert w["kept_loaded"] == [], (name, w)  # the bundled workflows release their models after each stage
     # Same engine, same files: the ComfyUI run equals the CLI's. Checked in fp32 (run["parity_fp32"]), where a real
     # difference (another setting, precision or prompt: >= 1e-2 on these models) stands far above the rounding of
@@ -45,6 +49,20 @@ def test_workflow_benchmark_quick_mode_runs_end_to_end(comfy_dir, tmp_path):
     assert run["after_free"]["free_alloc_gib"] == 0.0 and "purge_rss_mib" in run["after_free"]
     assert run["queue"]["n"] == 2 and len(run["queue"]["rss_mib"]) == 2
     assert (tmp_path / next(tmp_path.glob("*-quick.json")).name.replace(".json", ".md")).is_file()
+
+
+def test_native_graph_is_the_core_ksampler_graph_on_comfyuis_own_loader():
+    """`native_ksampler`: the same graph with the DiT loaded by UNETLoader from the same file; nothing else differs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("comfy_workflow_bench", REPO_ROOT / "benchmarks" / "comfy_workflow_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    api = {"1": {"class_type": "NewBieDiTLoader", "inputs": {"dit_name": "dit.safetensors", "precision": "bf16"}},
+           "2": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "steps": 28}}}
+    native = bench.native_prompt(api)
+    assert native["1"] == {"class_type": "UNETLoader", "inputs": {"unet_name": "dit.safetensors", "weight_dtype": "default"}}
+    assert native["2"] == api["2"] and api["1"]["class_type"] == "NewBieDiTLoader"  # the input is left as it was
 
 
 def test_workflow_benchmark_keep_loaded_runs_the_graph_with_every_model_kept(comfy_dir, tmp_path):
