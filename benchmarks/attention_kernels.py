@@ -11,7 +11,6 @@ kernel choice), "auto" (the pack's kernel priority, `AUTO_CUDA_KERNELS`) and the
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from newbie_core.attention import AUTO_CUDA_EXPAND_KV, AUTO_CUDA_KERNELS, SDPA_KERNELS, apply_rope, attention  # noqa: E402,E501
 from newbie_core.bench.measure import dit_inputs, dit_step, mean_seconds, parity  # noqa: E402
-from newbie_core.bench.report import slug, write_results  # noqa: E402
+from newbie_core.bench.report import benchmark_parser, device_label, slug, write_results  # noqa: E402
 
 
 def kernels(device: torch.device, quick: bool, runs: int) -> dict:
@@ -106,15 +105,12 @@ def markdown(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run both parts and write the report."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device", default="cuda")
+    p = benchmark_parser(__doc__)
     p.add_argument("--dit-kernels", type=int, default=1, help="also time the DiT with the N fastest kernels")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     runs = 2 if args.quick else 20
-    res = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    res = {"device_name": device_label(device),
            "torch": torch.__version__,
            "auto_policy": {"kernels": list(AUTO_CUDA_KERNELS), "expand_kv": AUTO_CUDA_EXPAND_KV}}
     res["kernels"] = kernels(device, args.quick, runs)

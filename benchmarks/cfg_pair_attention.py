@@ -13,7 +13,6 @@ traces. Rel. diff: real query rows against the two-call result. Writes `cfg-pair
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from newbie_core.attention import KeyPrefix, attention, ragged_attention, sdpa_attention  # noqa: E402
 from newbie_core.bench.measure import mean_seconds, parity  # noqa: E402
-from newbie_core.bench.report import slug, write_results  # noqa: E402
+from newbie_core.bench.report import benchmark_parser, device_label, slug, write_results  # noqa: E402
 
 
 def ragged(prefix: KeyPrefix, expand: bool):
@@ -110,14 +109,11 @@ def markdown(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run and write the report."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device", default="cuda")
+    p = benchmark_parser(__doc__)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     runs = 2 if args.quick else 50
-    res = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    res = {"device_name": device_label(device),
            "torch": torch.__version__, "runs": runs, **run(device, args.quick, runs)}
     md = markdown(res)
     print(md)

@@ -68,7 +68,7 @@ def main() -> int:
     import comfy.model_management as mm
 
     from newbie_core.bench.measure import dit_inputs, dit_step, parity
-    from newbie_core.bench.report import slug, write_results
+    from newbie_core.bench.report import device_label, slug, write_results
     from newbie_core.precision import parse_precision
 
     low = sys.modules[glue.__name__.rsplit(".", 1)[0] + "._comfy_lowvram"]
@@ -123,7 +123,7 @@ def main() -> int:
             mm.soft_empty_cache()
     import comfyui_version
 
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    gpu = device_label(device)
     version = getattr(comfyui_version, "__version__", "?")
     stem = f"comfy-dit-placement-{slug(f'{gpu}-comfyui-{version}')}" + ("-quick" if args.quick else "")
     async_offload = sys.modules[glue.__name__.rsplit(".", 1)[0] + "._comfy_compat"].COMFY_ASYNC_OFFLOAD

@@ -38,9 +38,9 @@ def plain_fp8_cast(dm) -> None:
 
 def save(args, device, hw, cap, rows: list[dict], quality: dict | None) -> str:
     """Write the JSON + markdown report of what has been measured so far; returns the markdown."""
-    from newbie_core.bench.report import slug, write_results
+    from newbie_core.bench.report import device_label, slug, write_results
 
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    gpu = device_label(device)
     import comfyui_version  # noqa: PLC0415 - from $COMFYUI_DIR
 
     result = {"gpu": gpu, "torch": torch.__version__, "comfyui": comfyui_version.__version__,

@@ -73,7 +73,7 @@ def main() -> int:
     import comfy.model_management as mm
 
     from newbie_core.bench.measure import dit_inputs, dit_step, parity
-    from newbie_core.bench.report import slug, write_results
+    from newbie_core.bench.report import device_label, slug, write_results
     from newbie_core.precision import parse_precision
 
     device = mm.get_torch_device()
@@ -101,7 +101,7 @@ def main() -> int:
         print(row, flush=True)
         patcher.unpatch_model(device_to=patcher.offload_device, unpatch_weights=True)
         mm.soft_empty_cache()
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    gpu = device_label(device)
     stem = f"comfy-partial-load-{slug(gpu)}" + ("-quick" if args.quick else "")
     result = {"gpu": gpu, "torch": torch.__version__, "comfyui_dir": os.environ.get("COMFYUI_DIR"), "rows": rows}
     lines = [f"ComfyUI partial loading of the NewBie DiT (bf16, CFG batch 2, 1024², 256 caption tokens), {gpu}", "",

@@ -317,7 +317,9 @@ def run(args) -> dict:
     import comfy.model_base
     import comfy.utils
 
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    from newbie_core.bench.report import device_label
+
+    result = {"device": device_label(device),
               "comfyui": getattr(__import__("comfyui_version"), "__version__", "?"), "comfy_args": args.comfy_args,
               "card_gib": args.card_gib, "keep_loaded": args.keep_loaded, "torch": torch.__version__,
               "size": args.size, "steps": args.steps,

@@ -19,7 +19,6 @@ into GEMMs, attention and the rest. Writes
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import sys
@@ -32,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from newbie_core import attention, fp8_gate  # noqa: E402
 from newbie_core.bench.measure import dit_inputs, dit_step, parity  # noqa: E402
-from newbie_core.bench.report import slug, write_results  # noqa: E402
+from newbie_core.bench.report import benchmark_parser, device_label, slug, write_results  # noqa: E402
 
 
 PROFILED = ("default", "gate_kernel", "ragged_attention", "ragged_gate_kernel")
@@ -116,10 +115,7 @@ def build(device, quick: bool, precision: str):
 
 def main(argv: list[str] | None = None) -> int:
     """Time every variant and write the report."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device", default="cuda")
+    p = benchmark_parser(__doc__)
     p.add_argument("--precisions", default="bf16,fp8_e4m3fn")
     p.add_argument("--variants", default="default,gate_kernel,coordinate_descent,fused_swiglu,fused_coordinate_descent")
     p.add_argument("--autotune", action="store_true", help="also max-autotune-no-cudagraphs (minutes of tuning)")
@@ -128,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = 2 if args.quick else 10
     hw, cap = ((16, 16), 24) if args.quick else ((128, 128), 256)
     variants = args.variants.split(",") + (["max_autotune", "fused_max_autotune"] if args.autotune else [])
-    res = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    res = {"device_name": device_label(device),
            "torch": torch.__version__, "rows": []}
     name = f"compile-modes-{slug(res['device_name'])}" + ("-quick" if args.quick else "")
     import torch._inductor.config as inductor_config

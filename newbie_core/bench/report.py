@@ -14,6 +14,26 @@ def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", label).strip("-").lower()
 
 
+def device_label(device) -> str:
+    """The GPU's name for a CUDA `device` (a benchmark result's device field), else "cpu"."""
+    import torch
+
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def benchmark_parser(doc: str):
+    """The kernel benchmarks' command line: `--out` (results folder), `--quick` (tiny shapes, a CPU plumbing
+    check) and `--device`; described by the first line of `doc`."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cuda")
+    return p
+
+
 def write_results(out_dir: str | Path, stem: str, result, markdown_text: str) -> Path:
     """Write a benchmark's `<stem>.json` and `<stem>.md` under `out_dir` (created); returns the JSON's path."""
     out = Path(out_dir)
