@@ -6,8 +6,8 @@
 The DiT packs each sample's real tokens first, so the CFG pair (cond: 4096 image + 256 caption tokens, uncond:
 4096 + 40) runs today as two unmasked cuDNN calls per block (`attention.prefix_attention`). Candidates timed
 against that: cuDNN's ragged (THD) call over both samples at once (`aten._cudnn_attention_forward` with
-cumulative sequence lengths, `attention.ragged_attention`; the longer sample first makes the packed buffer a
-view of the padded one, the shorter first gathers), with native GQA and with K/V expanded; the padded batch with a boolean key mask (cuDNN, memory-efficient); and the
+cumulative sequence lengths; the longer sample first makes the packed buffer a view of the padded one, the
+shorter first gathers), with native GQA and with K/V expanded; the padded batch with a boolean key mask (cuDNN, memory-efficient); and the
 unmasked batch of two (not a correct result, the lower bound). Each is also compiled (fullgraph) to see that it
 traces. Rel. diff: real query rows against the two-call result. Writes `cfg-pair-attention-<gpu>.json` / `.md`.
 """
@@ -21,25 +21,43 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from newbie_core.attention import KeyPrefix, attention, ragged_attention, sdpa_attention  # noqa: E402
+from newbie_core.attention import KeyPrefix, attention, sdpa_attention  # noqa: E402
 from newbie_core.bench.measure import mean_seconds, parity  # noqa: E402
 from newbie_core.bench.report import benchmark_parser, device_label, slug, write_results  # noqa: E402
 
 
-def ragged(prefix: KeyPrefix, expand: bool):
-    """The product's one-call path (`attention.ragged_attention`), K/V heads native or expanded."""
-    return lambda q, k, v: ragged_attention(q, k, v, prefix, expand_kv=expand)
+def ragged_cudnn(q, k, v, lengths: tuple[int, ...], offsets: torch.Tensor, expand: bool = False) -> torch.Tensor:
+    """Every sample in ONE cuDNN ragged call (`aten._cudnn_attention_forward` with cumulative lengths): the real
+    rows packed (views of the padded buffer when every sample but the last is unpadded, gathered otherwise),
+    the output unpacked to [B,H,S,D] with zero pad rows."""
+    b, hq, s, dh = q.shape
+    if expand:
+        k, v = (t.repeat_interleave(hq // t.shape[1], dim=1) for t in (k, v))
+    total, view = sum(lengths), all(n == s for n in lengths[:-1])
+
+    def packed(t):
+        rows = t.transpose(1, 2)
+        return rows.reshape(b * s, t.shape[1], dh)[:total] if view else torch.cat([rows[i, :n] for i, n in
+                                                                                  enumerate(lengths)])
+
+    out = torch.ops.aten._cudnn_attention_forward(packed(q), packed(k), packed(v), None, offsets, offsets, s, s,
+                                                  False, 0.0, False, False, scale=dh ** -0.5)[0]
+    starts = [sum(lengths[:i]) for i in range(b)]
+    out = torch.stack([torch.nn.functional.pad(out[a:a + n], (0, 0, 0, 0, 0, s - n)) for a, n in zip(starts, lengths)])
+    return out.transpose(1, 2)
 
 
-def ragged_swapped(prefix: KeyPrefix):
-    """The gathering path: the shorter sample first (so packing copies; `prefix` lists it first), outputs
-    swapped back."""
-    return lambda q, k, v: ragged_attention(q.flip(0), k.flip(0), v.flip(0), prefix).flip(0)
+def ragged(lengths: tuple[int, ...], device, expand: bool = False, swapped: bool = False):
+    """The ragged call as a variant; `swapped`: the shorter sample first (the gathering path), outputs swapped back."""
+    lens = lengths[::-1] if swapped else lengths
+    offsets = torch.tensor([0, lens[0], lens[0] + lens[1]], dtype=torch.int32, device=device)
+    if swapped:
+        return lambda q, k, v: ragged_cudnn(q.flip(0), k.flip(0), v.flip(0), lens, offsets, expand).flip(0)
+    return lambda q, k, v: ragged_cudnn(q, k, v, lens, offsets, expand)
 
 
 def variants(lengths: tuple[int, int], device: torch.device) -> dict:
     """name -> callable(q, k, v)."""
-    prefix, swapped = KeyPrefix(lengths).to(device), KeyPrefix(lengths[::-1]).to(device)
     s = lengths[0]
     mask = None
 
@@ -53,9 +71,9 @@ def variants(lengths: tuple[int, int], device: torch.device) -> dict:
 
     return {
         "two_calls_cudnn": lambda q, k, v: attention(q, k, v, KeyPrefix(lengths), backend="sdpa", kernel="cudnn"),
-        "ragged_cudnn": ragged(prefix, False),
-        "ragged_cudnn_expanded": ragged(prefix, True),
-        "ragged_cudnn_gathered (short first)": ragged_swapped(swapped),
+        "ragged_cudnn": ragged(lengths, device),
+        "ragged_cudnn_expanded": ragged(lengths, device, expand=True),
+        "ragged_cudnn_gathered (short first)": ragged(lengths, device, swapped=True),
         "masked_cudnn": masked("cudnn"),
         "masked_cudnn_expanded": masked("cudnn_expanded"),
         "masked_efficient_expanded": masked("efficient_expanded"),

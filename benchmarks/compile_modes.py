@@ -10,8 +10,7 @@ inductor's coordinate-descent tuning of its own kernels, inductor's multi-kernel
 reductions up to 16× longer rows, e.g. the norms over 2304 channels, each benchmarked against the looped form),
 `max-autotune-no-cudagraphs` (GEMM autotuning, `--autotune`), `gate_kernel` (fp8: the SwiGLU gate + row
 quantisation in one Triton kernel, `newbie_core/fp8_gate.py`, instead of inductor's looped fusion),
-`ragged_attention` (the CFG pair's two caption lengths in one cuDNN ragged call, `attention.ragged_attention`,
-instead of two calls; `ragged_gate_kernel`: both), and
+and
 SwiGLU with w1‖w3 in one GEMM (the two weights concatenated once; fp8: one activation quantisation and one
 scaled matmul instead of two). A torch profile of the default compile (and of the kernel variants) splits GPU time
 into GEMMs, attention and the rest. Writes
@@ -29,12 +28,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from newbie_core import attention, fp8_gate  # noqa: E402
+from newbie_core import fp8_gate  # noqa: E402
 from newbie_core.bench.measure import dit_inputs, dit_step, parity  # noqa: E402
 from newbie_core.bench.report import benchmark_parser, device_label, slug, write_results  # noqa: E402
 
 
-PROFILED = ("default", "gate_kernel", "ragged_attention", "ragged_gate_kernel")
+PROFILED = ("default", "gate_kernel")
 
 
 def fuse_swiglu(dit) -> int:
@@ -146,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                         else {"triton.multi_kernel": 1} if variant.endswith("multi_kernel") else {})
             torch._dynamo.reset()
             patch = inductor_config.patch(settings) if settings else contextlib.nullcontext()
-            fp8_gate.set_enabled(variant.endswith("gate_kernel"))
-            attention.set_ragged(variant.startswith("ragged"))
+            fp8_gate.set_enabled(variant == "gate_kernel")
             try:
                 with patch:
                     fwd = torch.compile(dit, fullgraph=True, dynamic=False, mode=mode)
@@ -160,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
                         row["profile"] = gpu_time_split(fwd, inputs, device)
             finally:
                 fp8_gate.set_enabled(False)
-                attention.set_ragged(False)
             res["rows"].append(row)
             print(f"{precision:>10} {variant:>26}: {row['seconds']:.4f} s/step (first {row['first_call_s']:.0f} s) "
                   f"peak {row['peak_alloc_gib']:.2f} GiB diff {row['rel_l2_diff']:.2e}", flush=True)

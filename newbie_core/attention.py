@@ -22,8 +22,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -43,10 +42,6 @@ SDPA_KERNELS = ("flash", "flash_expanded", "cudnn", "cudnn_expanded", "efficient
 # (benchmarks/results/comfy-dit-placement-nvidia-h200-comfyui-0.4.0.md).
 AUTO_CUDA_KERNELS = ("cudnn", "flash", "efficient", "math")
 AUTO_CUDA_EXPAND_KV = False
-# The CFG pair's two caption lengths in one cuDNN ragged call (`ragged_attention`) instead of one call per
-# length. OFF until measured on a GPU (benchmarks/cfg_pair_attention.py); NEWBIE_RAGGED_ATTENTION=1 turns it on.
-_ragged_state = {"enabled": os.environ.get("NEWBIE_RAGGED_ATTENTION", "").strip().lower() in ("1", "true", "yes", "on")}
-RAGGED_EXPAND_KV = False
 _flash_module = None  # None = not tried yet, False = unavailable
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
@@ -91,22 +86,10 @@ class KeyPrefix:
     """Key padding as per-sample prefix lengths: sample i's real tokens are its first `lengths[i]` positions.
 
     Python ints, fixed per generation (computed once by `NextDiT.prepare`), so compiled graphs see constants
-    and kernels run without any mask. `offsets`: the int32 cumulative lengths `[0, l0, l0+l1, …]` on the
-    tensors' device (`to`), for cuDNN's ragged call (`ragged_attention`); None on the CPU.
+    and kernels run without any mask.
     """
 
     lengths: tuple[int, ...]
-    offsets: torch.Tensor | None = field(default=None, compare=False, repr=False)
-
-    def to(self, device: torch.device | str) -> "KeyPrefix":
-        """This prefix with `offsets` built on `device` (CUDA only: the ragged kernel's input)."""
-        device = torch.device(device)
-        if device.type != "cuda" or (self.offsets is not None and self.offsets.device == device):
-            return self
-        cum = [0]
-        for n in self.lengths:
-            cum.append(cum[-1] + n)
-        return KeyPrefix(self.lengths, torch.tensor(cum, dtype=torch.int32).to(device, non_blocking=True))
 
 
 def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: KeyPrefix,
@@ -129,68 +112,6 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: 
     return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
 
-def cudnn_ragged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, longest: int,
-                 scale: float) -> torch.Tensor:
-    """cuDNN's ragged attention: packed `[T,H,D]` q/k/v, sequences at int32 `offsets` (`[0, n0, n0+n1, …]`),
-    non-causal. Returns packed `[T,Hq,D]`."""
-    return torch.ops.aten._cudnn_attention_forward(q, k, v, None, offsets, offsets, longest, longest, False, 0.0,
-                                                   False, False, scale=scale)[0]
-
-
-def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: KeyPrefix,
-                     kernel: Callable = cudnn_ragged, expand_kv: bool | None = None) -> torch.Tensor:
-    """Attention where sample i uses only its first n_i tokens, in ONE cuDNN call over the packed real tokens
-    (cuDNN's ragged layout) instead of one call per length (`prefix_attention`). CUDA, fp16/bf16, head dim a
-    multiple of 8 up to 128, `prefix.offsets` on q's device.
-
-    When every sample but the last is unpadded (the CFG pair with the longer caption first, the usual case)
-    the packed rows are the first Σn_i rows of the `[B·S, H, D]` buffer: views, no copies; else each sample's
-    real rows are gathered. K/V heads are expanded to the query heads where `expand_kv` (default
-    `RAGGED_EXPAND_KV`). Padded query
-    rows come back as zeros. `kernel`: the packed call (`cudnn_ragged`; the tests pass a reference).
-    """
-    b, hq, s, dh = q.shape
-    lengths = prefix.lengths
-    total = sum(lengths)
-    if RAGGED_EXPAND_KV if expand_kv is None else expand_kv:
-        k, v = _expand_kv(q, k, v)
-    view = all(n == s for n in lengths[:-1])
-
-    def packed(t: torch.Tensor) -> torch.Tensor:
-        rows = t.transpose(1, 2)  # [B,S,H,D]
-        if view:
-            return rows.reshape(b * s, t.shape[1], dh)[:total]
-        return torch.cat([rows[i, :n] for i, n in enumerate(lengths)])
-
-    out = kernel(packed(q), packed(k), packed(v), prefix.offsets, max(lengths), 1.0 / math.sqrt(dh))
-    if view:
-        out = F.pad(out, (0, 0, 0, 0, 0, b * s - total)).view(b, s, hq, dh)
-    else:
-        starts = [sum(lengths[:i]) for i in range(b)]
-        out = torch.stack([F.pad(out[a:a + n], (0, 0, 0, 0, 0, s - n)) for a, n in zip(starts, lengths)])
-    return out.transpose(1, 2)
-
-
-def _ragged_applies(q: torch.Tensor, prefix: KeyPrefix, backend: str | None, kernel: str | None) -> bool:
-    """True where `attention` takes the one-call ragged cuDNN path for a KeyPrefix: switched on (`set_ragged`),
-    lengths that differ, CUDA half/bf16 tensors, and cuDNN is the kernel this call would use ("auto" without
-    flash-attn, cuDNN first in `AUTO_CUDA_KERNELS`, or `kernel="cudnn"`)."""
-    if not (_ragged_state["enabled"] and prefix.offsets is not None and len(set(prefix.lengths)) > 1):
-        return False
-    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
-            and q.shape[-1] <= 128 and torch.backends.cuda.cudnn_sdp_enabled()):
-        return False
-    if kernel is not None:
-        return kernel == "cudnn"
-    return ((backend or "auto") == "auto" and AUTO_CUDA_KERNELS[0] == "cudnn" and _SDPA_CAN_PRIORITISE
-            and not flash_attn_available())
-
-
-def set_ragged(enabled: bool) -> None:
-    """Turn the one-call ragged cuDNN path for the CFG pair on or off (benchmarks; NEWBIE_RAGGED_ATTENTION)."""
-    _ragged_state["enabled"] = bool(enabled)
-
-
 def supports_key_prefix(fn: Callable) -> bool:
     """True when an attention callable accepts a `KeyPrefix` key mask: ours (or a partial of it), or any
     callable marked `fn.supports_key_prefix = True`. Others get a boolean mask from the DiT."""
@@ -207,8 +128,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     `kernel` (one of `SDPA_KERNELS`) forces torch's SDPA kernel on the SDPA path; None lets torch choose."""
     if isinstance(key_mask, KeyPrefix):
-        if _ragged_applies(q, key_mask, backend, kernel):
-            return ragged_attention(q, k, v, key_mask)
         return prefix_attention(q, k, v, key_mask, lambda a, b, c: attention(a, b, c, None, backend, kernel))
     backend = backend or "auto"
     if backend not in BACKENDS:  # never a silent fallback to SDPA

@@ -61,8 +61,6 @@ class DiTLayout:
             return self
 
         def mv(t):
-            if isinstance(t, KeyPrefix):
-                return t.to(device)
             return t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
 
         return dataclasses.replace(

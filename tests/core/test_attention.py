@@ -105,3 +105,18 @@ def test_flash_attn_availability_can_be_asked_first_inside_a_fullgraph_compile()
     import importlib.util
 
     assert proc.stdout.split()[-1] == ("0.0" if importlib.util.find_spec("flash_attn") is None else "1.0")
+
+
+def test_cfg_pair_benchmark_quick_mode(tmp_path):
+    """benchmarks/cfg_pair_attention.py end to end on the CPU: every variant measured or its error recorded,
+    eager and compiled (the CUDA-only kernels record errors here). On the GPU it showed why the CFG pair keeps two
+    cuDNN calls: cuDNN's ragged call over both samples took 41 ms against 0.74 (results/cfg-pair-attention-*)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cfg_pair_attention.py"), "--quick", "--device",
+                           "cpu", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (res,) = [json.loads(p.read_text()) for p in tmp_path.glob("cfg-pair-attention-*.json")]
+    assert res["lengths"] == [80, 70] and len(res["variants"]) == 8
+    for name, row in res["variants"].items():
+        for mode in ("eager", "compiled"):
+            assert (f"{mode}_ms" in row) != (f"{mode}_error" in row), (name, mode, row)
+    assert "NotImplementedError" in res["variants"]["ragged_cudnn"]["eager_error"]  # cuDNN: CUDA only
