@@ -5,13 +5,13 @@
 
 The full-size random-weight DiT (CFG batch 2, 1024²: 4096 image + 256 caption tokens), compiled with
 `fullgraph=True, dynamic=False` as the pack does; per variant: s/step, peak VRAM, relative difference to the
-default compile of the same precision. Variants: CUDA graphs (`mode="reduce-overhead"`, `cudagraphs`),
+`default` compile of the same precision (inductor's own fusions everywhere: the fused fp8 gate kernel off, as in
+the runs before it became the pack's default; every other variant also runs with it off). Variants: CUDA graphs (`mode="reduce-overhead"`, `cudagraphs`),
 inductor's coordinate-descent tuning of its own kernels, inductor's multi-kernel (`multi_kernel`: persistent
 reductions up to 16× longer rows, e.g. the norms over 2304 channels, each benchmarked against the looped form),
 `max-autotune-no-cudagraphs` (GEMM autotuning, `--autotune`), `gate_kernel` (fp8: the SwiGLU gate + row
-quantisation in one Triton kernel, `newbie_core/fp8_gate.py`, instead of inductor's looped fusion),
-and
-SwiGLU with w1‖w3 in one GEMM (the two weights concatenated once; fp8: one activation quantisation and one
+quantisation in one Triton kernel, `newbie_core/fp8_gate.py`, instead of inductor's looped fusion: the pack's
+default since it was measured here), and SwiGLU with w1‖w3 in one GEMM (the two weights concatenated once; fp8: one activation quantisation and one
 scaled matmul instead of two). A torch profile of the default compile (and of the kernel variants) splits GPU time
 into GEMMs, attention and the rest. Writes
 `compile-modes-<gpu>.json` and `.md`.
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     name = f"compile-modes-{slug(res['device_name'])}" + ("-quick" if args.quick else "")
     import torch._inductor.config as inductor_config
 
+    default_gate = fp8_gate.is_enabled()
     for precision in args.precisions.split(","):
         dit = build(device, args.quick, precision)
         inputs = dit_inputs(dit, device, latent_hw=hw, cap_len=cap, uncond_len=min(40, cap // 2))
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                     if variant in PROFILED:
                         row["profile"] = gpu_time_split(fwd, inputs, device)
             finally:
-                fp8_gate.set_enabled(False)
+                fp8_gate.set_enabled(default_gate)
             res["rows"].append(row)
             print(f"{precision:>10} {variant:>26}: {row['seconds']:.4f} s/step (first {row['first_call_s']:.0f} s) "
                   f"peak {row['peak_alloc_gib']:.2f} GiB diff {row['rel_l2_diff']:.2e}", flush=True)
