@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from newbie_core.attention import KeyPrefix, attention, sdpa_attention  # noqa: E402
+from newbie_core.attention import KeyPrefix, _expand_kv, attention, sdpa_attention  # noqa: E402
 from newbie_core.bench.measure import mean_seconds, parity  # noqa: E402
 from newbie_core.bench.report import benchmark_parser, device_label, slug, write_results  # noqa: E402
 
@@ -32,7 +32,7 @@ def ragged_cudnn(q, k, v, lengths: tuple[int, ...], offsets: torch.Tensor, expan
     the output unpacked to [B,H,S,D] with zero pad rows."""
     b, hq, s, dh = q.shape
     if expand:
-        k, v = (t.repeat_interleave(hq // t.shape[1], dim=1) for t in (k, v))
+        k, v = _expand_kv(q, k, v)
     total, view = sum(lengths), all(n == s for n in lengths[:-1])
 
     def packed(t):
@@ -58,16 +58,10 @@ def ragged(lengths: tuple[int, ...], device, expand: bool = False, swapped: bool
 
 def variants(lengths: tuple[int, int], device: torch.device) -> dict:
     """name -> callable(q, k, v)."""
-    s = lengths[0]
-    mask = None
+    mask = torch.arange(lengths[0], device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
 
     def masked(kernel):
-        def fn(q, k, v):
-            nonlocal mask
-            if mask is None:
-                mask = torch.arange(s, device=q.device)[None, :] < torch.tensor(lengths, device=q.device)[:, None]
-            return sdpa_attention(q, k, v, mask, kernel=kernel)
-        return fn
+        return lambda q, k, v: sdpa_attention(q, k, v, mask, kernel=kernel)
 
     return {
         "two_calls_cudnn": lambda q, k, v: attention(q, k, v, KeyPrefix(lengths), backend="sdpa", kernel="cudnn"),

@@ -148,6 +148,12 @@ def new_executor(execution, server):
     return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_size=0)
 
 
+def median_step(stamps: list[float]) -> float | None:
+    """Median interval between step time stamps, the first interval (warm-up) skipped; None under two steps."""
+    d = [b - a for a, b in zip(stamps[1:], stamps[2:])]
+    return statistics.median_high(d) if d else None
+
+
 class ProgressClock:
     """Times sampler steps through ComfyUI's progress-bar hook (every sampler reports each step there: core
     KSampler with any model, and ours)."""
@@ -159,9 +165,8 @@ class ProgressClock:
         _sync(self.device)
         self.stamps.append(time.perf_counter())
 
-    def seconds_per_step(self) -> float | None:
-        d = [b - a for a, b in zip(self.stamps[1:], self.stamps[2:])]  # first interval: warm-up, skipped
-        return statistics.median_high(d) if d else None
+    def seconds_per_step(self) -> float | None:  # noqa: D102
+        return median_step(self.stamps)
 
 
 def native_prompt(api: dict) -> dict:
@@ -221,9 +226,8 @@ class StepClock:
 
         pack_sampler.stages = types.SimpleNamespace(**{**vars(stages), "sample": sample})  # only `sample` differs
 
-    def seconds_per_step(self) -> float | None:
-        d = [b - a for a, b in zip(self.stamps[1:], self.stamps[2:])]  # first interval: warm-up, skipped
-        return statistics.median_high(d) if d else None
+    def seconds_per_step(self) -> float | None:  # noqa: D102
+        return median_step(self.stamps)
 
 
 def run_prompt(executor, server, api, device, mm) -> dict:
