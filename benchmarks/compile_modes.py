@@ -9,9 +9,12 @@ The full-size random-weight DiT (CFG batch 2, 1024²: 4096 image + 256 caption t
 the runs before it became the pack's default; every other variant also runs with it off). Variants: CUDA graphs (`mode="reduce-overhead"`, `cudagraphs`),
 inductor's coordinate-descent tuning of its own kernels, inductor's multi-kernel (`multi_kernel`: persistent
 reductions up to 16× longer rows, e.g. the norms over 2304 channels, each benchmarked against the looped form),
-`max-autotune-no-cudagraphs` (GEMM autotuning, `--autotune`), `gate_kernel` (fp8: the SwiGLU gate + row
+`max-autotune-no-cudagraphs` (GEMM autotuning against inductor's Triton templates, which can take a
+following pointwise op such as the SwiGLU product into their epilogue; `_tma`: with the persistent TMA template;
+`--autotune`), `gate_kernel` (fp8: the SwiGLU gate + row
 quantisation in one Triton kernel, `newbie_core/fp8_gate.py`, instead of inductor's looped fusion: the pack's
-default since it was measured here), and SwiGLU with w1‖w3 in one GEMM (the two weights concatenated once; fp8: one activation quantisation and one
+default since it was measured here), `swiglu_kernel` (16-bit: w1, w3 and the gate in one Triton GEMM,
+`newbie_core/swiglu_gemm.py`), and SwiGLU with w1‖w3 in one GEMM (the two weights concatenated once; fp8: one activation quantisation and one
 scaled matmul instead of two). A torch profile of the default compile (and of the kernel variants) splits GPU time
 into GEMMs, attention and the rest. Writes
 `compile-modes-<gpu>.json` and `.md`.
@@ -28,12 +31,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from newbie_core import fp8_gate  # noqa: E402
+from newbie_core import fp8_gate, swiglu_gemm  # noqa: E402
 from newbie_core.bench.measure import dit_inputs, dit_step, parity  # noqa: E402
 from newbie_core.bench.report import benchmark_parser, device_label, slug, write_results  # noqa: E402
 
 
-PROFILED = ("default", "gate_kernel")
+PROFILED = ("default", "gate_kernel", "swiglu_kernel", "max_autotune", "max_autotune_tma", "fused_max_autotune")
 
 
 def fuse_swiglu(dit) -> int:
@@ -84,8 +87,8 @@ def gpu_time_split(fwd, inputs, device) -> dict:
         us = e.device_time_total
         name = e.key.lower()
         kind = ("attention" if any(s in name for s in ("fmha", "flash", "cudnn", "attention", "sdpa"))
-                else "gemm" if not name.startswith("triton") and any(s in name for s in ("gemm", "nvjet", "xmma",
-                                                                                         "cutlass"))
+                else "gemm" if name.startswith("triton_tem") or any(s in name for s in ("gemm", "nvjet", "xmma",
+                                                                                       "cutlass"))
                 else "other")
         split[kind] += us / 1e3
         kernels.append((round(us / 1e3, 3), e.count, e.key[:90]))
@@ -122,13 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     runs = 2 if args.quick else 10
     hw, cap = ((16, 16), 24) if args.quick else ((128, 128), 256)
-    variants = args.variants.split(",") + (["max_autotune", "fused_max_autotune"] if args.autotune else [])
+    variants = args.variants.split(",") + (["max_autotune", "max_autotune_tma", "fused_max_autotune"]
+                                           if args.autotune else [])
     res = {"device_name": device_label(device),
            "torch": torch.__version__, "rows": []}
     name = f"compile-modes-{slug(res['device_name'])}" + ("-quick" if args.quick else "")
     import torch._inductor.config as inductor_config
 
-    default_gate = fp8_gate.is_enabled()
+    default_gate, default_swiglu = fp8_gate.is_enabled(), swiglu_gemm.is_enabled()
     for precision in args.precisions.split(","):
         dit = build(device, args.quick, precision)
         inputs = dit_inputs(dit, device, latent_hw=hw, cap_len=cap, uncond_len=min(40, cap // 2))
@@ -140,13 +144,15 @@ def main(argv: list[str] | None = None) -> int:
                 fused = True
             if not variant.startswith("fused") and fused:
                 continue  # unfused variants run first
-            mode = ("max-autotune-no-cudagraphs" if variant.endswith("max_autotune")
+            mode = ("max-autotune-no-cudagraphs" if "max_autotune" in variant
                     else "reduce-overhead" if variant == "cudagraphs" else None)
             settings = ({"coordinate_descent_tuning": True} if variant.endswith("coordinate_descent")
-                        else {"triton.multi_kernel": 1} if variant.endswith("multi_kernel") else {})
+                        else {"triton.multi_kernel": 1} if variant.endswith("multi_kernel")
+                        else {"triton.enable_persistent_tma_matmul": True} if variant.endswith("_tma") else {})
             torch._dynamo.reset()
             patch = inductor_config.patch(settings) if settings else contextlib.nullcontext()
             fp8_gate.set_enabled(variant == "gate_kernel")
+            swiglu_gemm.set_enabled(variant == "swiglu_kernel")
             try:
                 with patch:
                     fwd = torch.compile(dit, fullgraph=True, dynamic=False, mode=mode)
@@ -159,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                         row["profile"] = gpu_time_split(fwd, inputs, device)
             finally:
                 fp8_gate.set_enabled(default_gate)
+                swiglu_gemm.set_enabled(default_swiglu)
             res["rows"].append(row)
             print(f"{precision:>10} {variant:>26}: {row['seconds']:.4f} s/step (first {row['first_call_s']:.0f} s) "
                   f"peak {row['peak_alloc_gib']:.2f} GiB diff {row['rel_l2_diff']:.2e}", flush=True)

@@ -3,8 +3,6 @@
 layer that cannot take a pre-quantised input (CPU, no fp8 matmuls, weights elsewhere) keeps the plain path."""
 from __future__ import annotations
 
-import importlib.util
-import json
 import math
 import os
 import subprocess
@@ -20,14 +18,11 @@ from newbie_core import fp8_gate
 from newbie_core.dit_blocks import FeedForward
 from newbie_core.fp8 import Fp8Linear, _quantize_rows_eager, enable_fp8_matmul, fp8_matmul_supported
 from newbie_core.precision import cast_module, parse_precision
+from triton_interp import HAS_TRITON, NO_TRITON, run_interpreted
 
 GPU = torch.cuda.is_available() and fp8_matmul_supported("cuda") and fp8_gate.AVAILABLE
 needs_gpu = pytest.mark.skipif(not GPU, reason="the fused fp8 gate needs Triton and a CUDA GPU of capability >= 8.9")
-# Triton for its CPU interpreter: importable here, or installed aside (pip install --target DIR triton) in
-# $NEWBIE_TRITON_SITE or where scripts/setup.sh puts it (.triton-interp)
-_SETUP_SITE = Path(__file__).resolve().parents[2] / ".triton-interp"
-TRITON_SITE = os.environ.get("NEWBIE_TRITON_SITE", "") or (str(_SETUP_SITE) if (_SETUP_SITE / "triton").is_dir() else "")
-HAS_TRITON = bool(TRITON_SITE) or importlib.util.find_spec("triton") is not None
+
 
 
 def _ffn(dim: int, hidden: int, device: str, fp8_matmul: bool) -> FeedForward:
@@ -82,17 +77,13 @@ INTERPRETED = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (importable, or a target dir named by NEWBIE_TRITON_SITE)")
+@pytest.mark.skipif(not HAS_TRITON, reason=NO_TRITON)
 @pytest.mark.skipif(GPU, reason="a GPU runs the kernel itself (test_kernel_follows_the_row_quantisation_rule); "
                                 "the interpreter stands in for it on CPU-only machines")
 def test_kernel_logic_in_tritons_cpu_interpreter():
     """The kernel itself on the CPU (TRITON_INTERPRET=1): rows, strides, masked lanes, the scale, a zero row.
     (On a GPU machine torch 2.11's `wrap_triton` refuses the interpreter's kernel objects; the GPU tests run.)"""
-    repo = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [TRITON_SITE, repo])))
-    proc = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.splitlines()[-1])
+    r = run_interpreted(INTERPRETED)
     assert r["available"] and r["copy"] and r["shape"] == [37, 300] and r["dtype"] == "torch.float8_e4m3fn"
     assert r["scale_rel"] < 1e-6 and r["zero_row_scale"] == pytest.approx(1e-12)
     assert r["equal"] > 0.95, r["equal"]
