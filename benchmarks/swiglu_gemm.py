@@ -1,5 +1,5 @@
 """The 16-bit FFN's first half, `silu(x·w1ᵀ) ⊙ (x·w3ᵀ)`, alone (GPU): the fused Triton GEMM of
-`newbie_core/swiglu_gemm.py` at each tile configuration and autotuned, against what a compiled bf16 DiT runs
+`newbie_core/swiglu_gemm.py` at each tile configuration (its pointer and TMA forms) and autotuned, against what a compiled bf16 DiT runs
 without it (two cuBLAS GEMMs + inductor's gate kernel; and one w1‖w3 GEMM + the gate), on the full-size DiT's
 shape (CFG batch 2 × (4096 image + 256 caption) tokens, 2304 → 9216), per call and per step (×38 FeedForwards
 with that many rows). Error: relative L2 against the fp32 products.
@@ -52,12 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     ways = [("compiled: two cuBLAS GEMMs + gate kernel (the DiT without it)", torch.compile(two, fullgraph=True)),
             ("compiled: one w1‖w3 cuBLAS GEMM + gate kernel", torch.compile(one, fullgraph=True)),
             ("fused op, autotuned (as the DiT calls it)", lambda x: swiglu_gemm.swiglu_gemm(x, w1, w3))]
-    for cfg in swiglu_gemm.CONFIGS:
-        def fused(x, cfg=cfg):
-            h = torch.empty(m, n, device=dev, dtype=x.dtype)
-            swiglu_gemm.launch(x, w1, w3, h, config=cfg)
-            return h
-        ways.append((f"fused kernel {'×'.join(map(str, cfg[:3]))}, {cfg[3]} stages, {cfg[4]} warps", fused))
+    for tma in (False, True):
+        for cfg in swiglu_gemm.CONFIGS:
+            def fused(x, cfg=cfg, tma=tma):
+                h = torch.empty(m, n, device=dev, dtype=x.dtype)
+                swiglu_gemm.launch(x, w1, w3, h, config=cfg, tma=tma)
+                return h
+            ways.append((f"fused kernel{' (TMA)' if tma else ''} {'×'.join(map(str, cfg[:3]))}, {cfg[3]} stages, "
+                         f"{cfg[4]} warps", fused))
     rows = []
     for name, fn in ways:
         try:

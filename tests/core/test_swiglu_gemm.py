@@ -75,9 +75,11 @@ INTERPRETED = textwrap.dedent("""
             w1, w3 = (torch.randn(n, k, dtype=dtype) * k ** -0.5 for _ in range(2))
             ref = F.silu(x.double() @ w1.double().T) * (x.double() @ w3.double().T)
             for cfg in sg.CONFIGS:
-                h = torch.full((m, n), float("nan"), dtype=dtype)
-                sg.launch(x, w1, w3, h, config=cfg)
-                out.append([m, n, k, str(dtype), list(cfg), ((h.double() - ref).abs().max() / ref.abs().max()).item()])
+                for tma in (False, True):
+                    h = torch.full((m, n), float("nan"), dtype=dtype)
+                    sg.launch(x, w1, w3, h, config=cfg, tma=tma)
+                    out.append([m, n, k, str(dtype), list(cfg) + [tma],
+                                ((h.double() - ref).abs().max() / ref.abs().max()).item()])
     print(json.dumps(out))
 """)
 
@@ -85,10 +87,10 @@ INTERPRETED = textwrap.dedent("""
 @pytest.mark.skipif(not HAS_TRITON, reason=NO_TRITON)
 @pytest.mark.skipif(GPU, reason="a GPU runs the kernel itself (test_kernel_matches_the_plain_products_on_the_gpu)")
 def test_kernel_logic_in_tritons_cpu_interpreter():
-    """Every tile configuration of the kernel on the CPU (TRITON_INTERPRET=1): every output written (no NaN left),
-    edges and the masked last K step right."""
+    """Every tile configuration of the kernel, pointer and TMA forms, on the CPU (TRITON_INTERPRET=1): every
+    output written (no NaN left), edges and the masked (or zero-padded) last K step right."""
     rows = run_interpreted(INTERPRETED, timeout=600)
-    assert len(rows) == 2 * 2 * len(swiglu_gemm.CONFIGS)
+    assert len(rows) == 2 * 2 * 2 * len(swiglu_gemm.CONFIGS)
     for m, n, k, dtype, cfg, err in rows:
         assert err < (2e-3 if dtype == "torch.float16" else 1e-5), (m, n, k, dtype, cfg, err)
 
