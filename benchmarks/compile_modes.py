@@ -13,8 +13,7 @@ reductions up to 16× longer rows, e.g. the norms over 2304 channels, each bench
 following pointwise op such as the SwiGLU product into their epilogue; `_tma`: with the persistent TMA template;
 `--autotune`), `gate_kernel` (fp8: the SwiGLU gate + row
 quantisation in one Triton kernel, `newbie_core/fp8_gate.py`, instead of inductor's looped fusion: the pack's
-default since it was measured here), `swiglu_kernel` (16-bit: w1, w3 and the gate in one Triton GEMM,
-`newbie_core/swiglu_gemm.py`), and SwiGLU with w1‖w3 in one GEMM (the two weights concatenated once; fp8: one activation quantisation and one
+default since it was measured here), and SwiGLU with w1‖w3 in one GEMM (the two weights concatenated once; fp8: one activation quantisation and one
 scaled matmul instead of two). A torch profile of the default compile (and of the kernel variants) splits GPU time
 into GEMMs, attention and the rest. Writes
 `compile-modes-<gpu>.json` and `.md`.
@@ -31,12 +30,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from newbie_core import fp8_gate, swiglu_gemm  # noqa: E402
+from newbie_core import fp8_gate  # noqa: E402
 from newbie_core.bench.measure import dit_inputs, dit_step, parity  # noqa: E402
 from newbie_core.bench.report import benchmark_parser, device_label, slug, write_results  # noqa: E402
 
 
-PROFILED = ("default", "gate_kernel", "swiglu_kernel", "max_autotune", "max_autotune_tma", "fused_max_autotune")
+PROFILED = ("default", "gate_kernel", "max_autotune", "max_autotune_tma", "fused_max_autotune")
 
 
 def fuse_swiglu(dit) -> int:
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     name = f"compile-modes-{slug(res['device_name'])}" + ("-quick" if args.quick else "")
     import torch._inductor.config as inductor_config
 
-    default_gate, default_swiglu = fp8_gate.is_enabled(), swiglu_gemm.is_enabled()
+    default_gate = fp8_gate.is_enabled()
     for precision in args.precisions.split(","):
         dit = build(device, args.quick, precision)
         inputs = dit_inputs(dit, device, latent_hw=hw, cap_len=cap, uncond_len=min(40, cap // 2))
@@ -152,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
             torch._dynamo.reset()
             patch = inductor_config.patch(settings) if settings else contextlib.nullcontext()
             fp8_gate.set_enabled(variant == "gate_kernel")
-            swiglu_gemm.set_enabled(variant == "swiglu_kernel")
             try:
                 with patch:
                     fwd = torch.compile(dit, fullgraph=True, dynamic=False, mode=mode)
@@ -165,7 +163,6 @@ def main(argv: list[str] | None = None) -> int:
                         row["profile"] = gpu_time_split(fwd, inputs, device)
             finally:
                 fp8_gate.set_enabled(default_gate)
-                swiglu_gemm.set_enabled(default_swiglu)
             res["rows"].append(row)
             print(f"{precision:>10} {variant:>26}: {row['seconds']:.4f} s/step (first {row['first_call_s']:.0f} s) "
                   f"peak {row['peak_alloc_gib']:.2f} GiB diff {row['rel_l2_diff']:.2e}", flush=True)

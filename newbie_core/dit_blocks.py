@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from . import fp8_gate, swiglu_gemm
+from . import fp8_gate
 from .attention import apply_rope
 from .ops import RMSNorm as _DefaultRMSNorm
 
@@ -54,11 +54,7 @@ class FeedForward(nn.Module):
         self.w3 = operations.Linear(dim, hidden, bias=False, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the gated FFN (16-bit resident weights: `w1`, `w3` and the gate in one kernel where switched on,
-        `swiglu_gemm`; fp8 with fp8 matmuls: gate and `w2`'s input quantisation fused, `fp8_gate`)."""
-        if swiglu_gemm.applies(x, self.w1, self.w3):
-            h = swiglu_gemm.swiglu_gemm(x.reshape(-1, x.shape[-1]), self.w1.weight, self.w3.weight)
-            return self.w2(h.view(*x.shape[:-1], h.shape[-1]))
+        """Apply the gated FFN (fp8 with fp8 matmuls: gate and `w2`'s input quantisation fused, `fp8_gate`)."""
         return fp8_gate.swiglu(self.w1(x), self.w3(x), self.w2)
 
 

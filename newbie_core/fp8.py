@@ -148,12 +148,6 @@ class Fp8Linear(nn.Linear):
         return (self.fp8_matmul and self.weight_scale is not None and self.weight.dtype == FP8
                 and self.weight.device == x.device and fp8_matmul_shapes_ok(x, self.weight))
 
-    def weight_ready(self, x: torch.Tensor) -> bool:
-        """True when this layer's weight can be used as is for input `x` (the fused SwiGLU GEMM reads it
-        directly): not fp8-scaled, in x's dtype on x's device. A host whose layers cast weights per call or
-        apply patches overrides this to say no then."""
-        return self.weight_scale is None and self.weight.dtype == x.dtype and self.weight.device == x.device
-
     def forward_fp8_input(self, x8: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """`x @ Wᵀ + b` for an input already quantised per row (`x8 [M,K]` e4m3fn, `x_scale [M,1]`): one scaled
         matmul, output [M,N] in `out_dtype`. Only where `fp8_input_ready`."""

@@ -140,10 +140,6 @@ class NewBieOps(comfy.ops.disable_weight_init):
             return not (self.comfy_cast_weights or self.weight_function or self.bias_function) \
                 and Fp8Linear.fp8_input_ready(self, x)
 
-        def weight_ready(self, x):  # noqa: D102
-            return not (self.comfy_cast_weights or self.weight_function or self.bias_function) \
-                and Fp8Linear.weight_ready(self, x)
-
         def forward_comfy_cast_weights(self, x):  # noqa: D102
             if self.weight_scale is not None and self.weight_function and not LOWVRAM_PATCH_CONVERTS:
                 return self._patched_fp8_forward(x)

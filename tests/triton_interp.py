@@ -21,8 +21,9 @@ NO_TRITON = "needs Triton (importable, or a target dir named by NEWBIE_TRITON_SI
 
 
 def run_interpreted(code: str, timeout: int = 300):
-    """Run `code` under Triton's interpreter with the repo importable; the JSON of its last stdout line."""
+    """Run `code` under Triton's interpreter in the repo root (importable); the JSON of its last stdout line."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [TRITON_SITE, str(REPO)])))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.splitlines()[-1])

@@ -124,23 +124,6 @@ def test_dit_layers_take_a_pre_quantised_fp8_input_only_while_their_weight_is_re
     assert w2.fp8_input_ready(x)
 
 
-def test_dit_layers_hand_their_weight_to_the_fused_swiglu_gemm_only_while_it_is_resident(pack, loaders):
-    """The fused 16-bit SwiGLU GEMM (newbie_core/swiglu_gemm.py) reads `w1`/`w3`'s weights directly: never while
-    ComfyUI casts them per call (partial load) or patches them per call (LoRA under low VRAM)."""
-    dm = loaders.dit(precision="bf16", attention="sdpa").model.diffusion_model
-    w1 = next(m for m in dm.modules() if type(m).__name__ == "FeedForward").w1
-    assert isinstance(w1, pack.nodes._comfy_dit.NewBieOps.Linear) and w1.weight.dtype == torch.bfloat16
-    x = torch.zeros(32, w1.in_features, dtype=torch.bfloat16)
-    assert w1.weight_ready(x)
-    assert not w1.weight_ready(x.float())  # another compute dtype: cast per call
-    w1.comfy_cast_weights = True
-    assert not w1.weight_ready(x)
-    w1.comfy_cast_weights, w1.weight_function = False, [lambda w: w]
-    assert not w1.weight_ready(x)
-    w1.weight_function = []
-    assert w1.weight_ready(x)
-
-
 def test_dit_loader_streaming_inputs_are_checked(pack, loaders):
     InputError = pack.newbie_core.errors.InputError
     with pytest.raises(InputError, match="streaming"):
