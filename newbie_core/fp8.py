@@ -141,12 +141,13 @@ class Fp8Linear(nn.Linear):
         """`x @ Wᵀ + b` (see `linear_forward`)."""
         return linear_forward(x, self.weight, self.weight_scale, self.bias, self.fp8_matmul)
 
-    def fp8_input_ready(self, x: torch.Tensor) -> bool:
-        """True when this layer can take its input already quantised (`forward_fp8_input`): a resident fp8
-        weight with scales on `x`'s device, fp8 matmuls on, shapes the tensor cores take. A host whose layers
-        cast weights per call (ComfyUI's partial load, LoRA patches) overrides this to say no then."""
+    def fp8_input_ready(self, x: torch.Tensor, resident: bool = True) -> bool:
+        """True when this layer can take its input already quantised (`forward_fp8_input`): a fp8 weight with
+        scales, fp8 matmuls on, shapes the tensor cores take, and (`resident`) the weight on `x`'s device. A host
+        whose layers bring their fp8 weight per call (ComfyUI's partial load) passes `resident=False` and casts in
+        its `forward_fp8_input`; one that patches weights per call (LoRA) says no then."""
         return (self.fp8_matmul and self.weight_scale is not None and self.weight.dtype == FP8
-                and self.weight.device == x.device and fp8_matmul_shapes_ok(x, self.weight))
+                and (not resident or self.weight.device == x.device) and fp8_matmul_shapes_ok(x, self.weight))
 
     def forward_fp8_input(self, x8: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """`x @ Wᵀ + b` for an input already quantised per row (`x8 [M,K]` e4m3fn, `x_scale [M,1]`): one scaled

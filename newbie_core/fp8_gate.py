@@ -10,8 +10,9 @@ round to nearest even with saturation at ±448).
 
 Registered as a torch custom op over a Triton kernel (`torch.library.triton_op`), so eager models call it and
 `torch.compile(fullgraph=True)` compiles it into the graph. Used only where Triton imports and the `w2` layer
-holds a resident fp8 weight with fp8 matmuls on (`Fp8Linear.fp8_input_ready`); everywhere else (CPU, LoRA
-patches, weights cast per call by ComfyUI) the plain path runs.
+holds a fp8 weight with fp8 matmuls on (`Fp8Linear.fp8_input_ready`): resident, or brought per call by ComfyUI's
+partial load (its layers cast in `forward_fp8_input`), so both hosts and every load compute alike; everywhere else
+(CPU, LoRA patches applied per call) the plain path runs.
 
 ON by default where it applies. Measured on an H100 (torch 2.11, Triton 3.6; benchmarks/results/
 fp8-gate-kernel-nvidia-h100-80gb-hbm3.md, compile-modes-nvidia-h100-80gb-hbm3.md): 0.154 ms per call against

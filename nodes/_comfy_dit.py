@@ -20,7 +20,7 @@ from ..newbie_core import checkpoints
 from ..newbie_core import ops as core_ops
 from ..newbie_core.dit import NextDiT
 from ..newbie_core.fp8 import (Fp8Linear, dequantize_weight, enable_fp8_matmul, fp8_matmul_supported, linear_forward,
-                               quantize_weight)
+                               quantize_weight, scaled_matmul)
 from ..newbie_core.precision import Precision, cast_module
 from ..newbie_core.recovery import cleans_up_on_failure
 from ..newbie_core.validate import check_attention
@@ -136,9 +136,25 @@ class NewBieOps(comfy.ops.disable_weight_init):
                 return self.forward_comfy_cast_weights(x)
             return Fp8Linear.forward(self, x)
 
-        def fp8_input_ready(self, x):  # noqa: D102
-            return not (self.comfy_cast_weights or self.weight_function or self.bias_function) \
-                and Fp8Linear.fp8_input_ready(self, x)
+        def fp8_input_ready(self, x, resident=True):
+            """Also while ComfyUI casts this layer per call (partial load: the fp8 weight arrives still in fp8, so
+            the fused fp8 gate feeds it as it feeds a resident one and partial and full loads compute alike);
+            never while a patch (LoRA) applies per call."""
+            if self.weight_function or self.bias_function:
+                return False
+            return Fp8Linear.fp8_input_ready(self, x, resident=resident and not self.comfy_cast_weights)
+
+        def forward_fp8_input(self, x8, x_scale, out_dtype):
+            """The pre-quantised input's scaled matmul, with the weight brought per call (on ComfyUI's offload
+            stream where it has one) while the layer is partially loaded."""
+            if not self.comfy_cast_weights:
+                return Fp8Linear.forward_fp8_input(self, x8, x_scale, out_dtype)
+            weight, bias, stream = cast_bias_weight(self, x8, dtype=self.weight.dtype, bias_dtype=out_dtype)
+            out = scaled_matmul(x8, x_scale, weight, self.weight_scale.to(x8.device, non_blocking=True), bias,
+                                out_dtype)
+            if stream is not None:
+                comfy.ops.uncast_bias_weight(self, weight, bias, stream)
+            return out
 
         def forward_comfy_cast_weights(self, x):  # noqa: D102
             if self.weight_scale is not None and self.weight_function and not LOWVRAM_PATCH_CONVERTS:

@@ -107,21 +107,29 @@ def test_block_streaming_of_the_dit_gives_the_full_load_latents(pack, loaders, m
     assert torch.equal(outs[0], ref) and torch.equal(outs[1], ref)
 
 
-def test_dit_layers_take_a_pre_quantised_fp8_input_only_while_their_weight_is_resident(pack, loaders):
-    """The fused fp8 SwiGLU gate (newbie_core/fp8_gate.py) hands `w2` an already quantised input: never while
-    ComfyUI casts that layer's weight per call (partial load) or patches it per call (LoRA under low VRAM)."""
+def test_dit_layers_take_a_pre_quantised_fp8_input_resident_or_cast_per_call_but_never_patched(pack, loaders):
+    """The fused fp8 SwiGLU gate (newbie_core/fp8_gate.py) hands `w2` an already quantised input: resident, or while
+    ComfyUI casts that layer's weight per call (partial load: the same scaled matmul, the weight brought for the
+    call), so partial and full loads compute alike; never while a patch (LoRA under low VRAM) applies per call."""
+    from newbie_core.fp8 import _quantize_rows
+
     dm = loaders.dit(precision="fp8_e4m3fn", attention="sdpa").model.diffusion_model
     w2 = next(m for m in dm.modules() if type(m).__name__ == "FeedForward").w2  # the pack's copy of the class
     assert isinstance(w2, pack.nodes._comfy_dit.NewBieOps.Linear) and w2.weight.dtype == torch.float8_e4m3fn
     w2.fp8_matmul = True
-    x = torch.zeros(32, w2.in_features, dtype=torch.bfloat16)
+    x = torch.randn(32, w2.in_features, dtype=torch.bfloat16)
+    x8, scale = _quantize_rows(x)
     assert w2.fp8_input_ready(x)
+    resident = w2.forward_fp8_input(x8, scale, torch.bfloat16)
     w2.comfy_cast_weights = True
-    assert not w2.fp8_input_ready(x)
+    assert w2.fp8_input_ready(x)
+    assert torch.equal(w2.forward_fp8_input(x8, scale, torch.bfloat16), resident)
+    w2.to("meta")  # a weight elsewhere: brought per call, no device check (the cast path moves it)
+    assert w2.fp8_input_ready(x)
     w2.comfy_cast_weights, w2.weight_function = False, [lambda w: w]
     assert not w2.fp8_input_ready(x)
     w2.weight_function = []
-    assert w2.fp8_input_ready(x)
+    assert not w2.fp8_input_ready(x)  # resident again but on another device
 
 
 def test_dit_loader_streaming_inputs_are_checked(pack, loaders):
