@@ -36,18 +36,20 @@ except ImportError:  # pragma: no cover - the benchmark needs a GPU; the test im
 else:
 
     @triton.jit
+    def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+        """This program's (row tile, column tile): GROUP row tiles walked per column tile (grouped order)."""
+        pid = tl.program_id(0)
+        per_group = GROUP * tl.cdiv(N, BLOCK_N)
+        first_m = (pid // per_group) * GROUP
+        group_rows = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP)
+        return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+    @triton.jit
     def swiglu_gemm_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, M, N, K, stride_xm, stride_w1n, stride_w3n, stride_hm,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            GROUP: tl.constexpr, EVEN_K: tl.constexpr):
         """One [BLOCK_M, BLOCK_N] tile of `h = silu(x·w1ᵀ) ⊙ (x·w3ᵀ)`; x [M,K], w1/w3 [N,K], h [M,N]."""
-        pid = tl.program_id(0)
-        tiles_m = tl.cdiv(M, BLOCK_M)
-        tiles_n = tl.cdiv(N, BLOCK_N)
-        per_group = GROUP * tiles_n
-        first_m = (pid // per_group) * GROUP
-        group_rows = tl.minimum(tiles_m - first_m, GROUP)
-        pid_m = first_m + (pid % per_group) % group_rows
-        pid_n = (pid % per_group) // group_rows
+        pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -83,14 +85,7 @@ else:
                                GROUP: tl.constexpr, EVEN_K: tl.constexpr):
         """`swiglu_gemm_kernel` with its tiles loaded by Hopper's tensor memory accelerator (device-made tensor
         descriptors: edges padded with zeros by the hardware)."""
-        pid = tl.program_id(0)
-        tiles_m = tl.cdiv(M, BLOCK_M)
-        tiles_n = tl.cdiv(N, BLOCK_N)
-        per_group = GROUP * tiles_n
-        first_m = (pid // per_group) * GROUP
-        group_rows = tl.minimum(tiles_m - first_m, GROUP)
-        pid_m = first_m + (pid % per_group) % group_rows
-        pid_n = (pid % per_group) // group_rows
+        pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP)
         x_desc = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BLOCK_K])
         w1_desc = tl.make_tensor_descriptor(w1_ptr, [N, K], [stride_w1n, 1], [BLOCK_N, BLOCK_K])
         w3_desc = tl.make_tensor_descriptor(w3_ptr, [N, K], [stride_w3n, 1], [BLOCK_N, BLOCK_K])
