@@ -24,7 +24,6 @@ GPU = torch.cuda.is_available() and fp8_matmul_supported("cuda") and fp8_gate.AV
 needs_gpu = pytest.mark.skipif(not GPU, reason="the fused fp8 gate needs Triton and a CUDA GPU of capability >= 8.9")
 
 
-
 def _ffn(dim: int, hidden: int, device: str, fp8_matmul: bool) -> FeedForward:
     torch.manual_seed(0)
     ff = FeedForward(dim, hidden, torch.nn, dtype=torch.float32)
