@@ -18,11 +18,8 @@ graph with the DiT loaded by ComfyUI's UNETLoader (its native model, same file),
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
 import re
-import shlex
 import statistics
 import subprocess
 import sys
@@ -34,7 +31,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests" / "integration")]
-GiB, MiB = 2**30, 2**20
+from comfy_executor import (BenchServer, after_free, allocated_gib, new_executor, object_info,  # noqa: E402
+                            rss_mib, run_prompt, start_comfyui, sync)
+
 CORE_KSAMPLER = "newbie_comfyui_template_ksampler"
 # the core-KSampler graph again with the DiT loaded by ComfyUI's own UNETLoader: the running ComfyUI's native
 # NewBie model (the E-Anlia/ComfyUI-NewBie 0.4.0 fork), same file, same sampler, same run
@@ -43,109 +42,6 @@ WORKFLOWS = ["newbie_basic_t2i", "newbie_low_vram", "newbie_precision_swap", "ne
              "newbie_interop_core_nodes", CORE_KSAMPLER, NATIVE_KSAMPLER]
 SETTINGS = {"default": [], "lowvram": ["--comfy-args=--lowvram"], "reserve-vram-2": ["--comfy-args=--reserve-vram 2"],
             "card-8gb": ["--card-gib", "8"], "card-6gb": ["--card-gib", "6"]}
-
-
-class BenchServer:
-    """What PromptExecutor needs of a PromptServer; records each node's start (the 'executing' messages)."""
-
-    def __init__(self, device: torch.device):
-        self.client_id, self.last_node_id, self.sockets_metadata = None, None, {}
-        self.device, self.events, self.messages = device, [], []
-
-    def send_sync(self, event, data, sid=None):  # noqa: D102
-        if event == "executing":
-            _sync(self.device)
-            self.events.append((time.perf_counter(), data.get("node"), _alloc(self.device)))
-        elif event in ("execution_error", "execution_success", "execution_interrupted"):
-            self.messages.append((event, data))
-
-    def queue_updated(self):  # noqa: D102
-        pass
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _alloc(device) -> float:
-    return torch.cuda.memory_allocated(device) / GiB if device.type == "cuda" else 0.0
-
-
-def _rss_mib() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / MiB
-
-
-def start_comfyui(args) -> tuple:
-    """Import ComfyUI from $COMFYUI_DIR with this run's flags, register the model folder, load this pack."""
-    comfy_dir = os.environ.get("COMFYUI_DIR")
-    if not comfy_dir or not (Path(comfy_dir) / "comfy").is_dir():
-        sys.exit("Set COMFYUI_DIR to a ComfyUI source tree (copy it into the repo as an ignored folder to carry it).")
-    sys.path.insert(0, comfy_dir)
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    sys.argv = [sys.argv[0]] + shlex.split(args.comfy_args) + (["--cpu"] if args.device == "cpu" else [])
-    import comfy.model_management as mm
-    import folder_paths
-
-    if args.card_gib and mm.get_torch_device().type == "cuda":
-        simulate_card(mm, args.card_gib)
-    import execution
-    import nodes
-
-    out_dir = Path(tempfile.mkdtemp(prefix="newbie-comfy-out-"))
-    folder_paths.set_output_directory(str(out_dir))
-    for key in ("diffusion_models", "text_encoders", "vae"):
-        folder_paths.add_model_folder_path(key, str(Path(args.models_dir) / key), is_default=True)
-    if not asyncio.run(nodes.load_custom_node(str(ROOT))):
-        sys.exit("the pack failed to load into ComfyUI (see the log above)")
-    asyncio.run(nodes.init_builtin_extra_nodes())  # comfy_extras: the core-KSampler graph's ModelSamplingAuraFlow
-    return mm, execution, nodes
-
-
-def simulate_card(mm, gib: float) -> None:
-    """A `gib` card: the allocator is capped (set_per_process_memory_fraction) and ComfyUI's memory manager is
-    told the same (free = cap − active, total = cap), so it plans loads as it would on that card."""
-    dev = mm.get_torch_device()
-    cap = int(gib * GiB)
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.get_device_properties(dev).total_memory))
-    real_free, real_total = mm.get_free_memory, mm.get_total_memory
-
-    def free(dev=None, torch_free_too=False):
-        r = real_free(dev, torch_free_too)
-        sim = max(0, cap - torch.cuda.memory_stats(dev or mm.get_torch_device()).get("active_bytes.all.current", 0))
-        return (min(r[0], sim), r[1]) if torch_free_too else min(r, sim)
-
-    def total(dev=None, torch_total_too=False):
-        r = real_total(dev, torch_total_too)
-        return (min(r[0], cap), r[1]) if torch_total_too else min(r, cap)
-
-    mm.get_free_memory, mm.get_total_memory, mm.total_vram = free, total, cap / MiB
-
-
-def object_info(nodes) -> dict:
-    """/object_info as the server builds it, for the node types the converter needs."""
-    out = {}
-    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
-        if hasattr(cls, "GET_NODE_INFO_V1"):
-            out[name] = cls.GET_NODE_INFO_V1()
-        else:
-            inp = cls.INPUT_TYPES()
-            out[name] = {"input": inp, "input_order": {k: list(v) for k, v in inp.items()},
-                         "category": getattr(cls, "CATEGORY", "")}
-    return out
-
-
-def new_executor(execution, server):
-    """PromptExecutor with the default (classic) cache, as main.py builds it (0.3: cache_size; 0.4: cache_args)."""
-    import inspect
-
-    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
-        return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
-    return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_size=0)
 
 
 def median_step(stamps: list[float]) -> float | None:
@@ -162,7 +58,7 @@ class ProgressClock:
         self.device, self.stamps = device, []
 
     def hook(self, value, total, *_a, **_k):  # noqa: D102
-        _sync(self.device)
+        sync(self.device)
         self.stamps.append(time.perf_counter())
 
     def seconds_per_step(self) -> float | None:  # noqa: D102
@@ -215,7 +111,7 @@ class StepClock:
             self.stamps, self.conds = [time.perf_counter()], (cond, uncond)
 
             def tick(info):
-                _sync(torch.device(host.device_of("dit")))
+                sync(torch.device(host.device_of("dit")))
                 self.stamps.append(time.perf_counter())
                 if on_step:
                     on_step(info)
@@ -228,38 +124,6 @@ class StepClock:
 
     def seconds_per_step(self) -> float | None:  # noqa: D102
         return median_step(self.stamps)
-
-
-def run_prompt(executor, server, api, device, mm) -> dict:
-    """Queue one prompt through PromptExecutor; per-node wall seconds, peaks, success."""
-    import execution
-
-    valid = asyncio.run(execution.validate_prompt("bench", api, None))
-    if not valid[0]:
-        return {"ok": False, "error": str(valid[1]), "node_errors": str(valid[3])[:2000]}
-    server.events, server.messages = [], []
-    for i in range(torch.cuda.device_count() if device.type == "cuda" else 0):
-        torch.cuda.reset_peak_memory_stats(i)
-    t0 = time.perf_counter()
-    executor.execute(api, f"bench-{time.time_ns()}", {"client_id": "bench"}, valid[2])
-    _sync(device)
-    t1 = time.perf_counter()
-    times = {}
-    ev = server.events + [(t1, None, 0.0)]
-    for (ta, node, _), (tb, _, _) in zip(ev, ev[1:]):
-        if node is not None:
-            times[f"{node}:{api[node]['class_type']}"] = round(tb - ta, 4)
-    err = [m for m in server.messages if m[0] != "execution_success"]
-    out = {"ok": executor.success and not err, "wall_s": round(t1 - t0, 3), "node_s": times}
-    if err:
-        out["error"] = str(err[0][1].get("exception_message", err[0]))[:2000]
-    if device.type == "cuda":
-        out.update(peak_alloc_gib=round(torch.cuda.max_memory_allocated(device) / GiB, 3),
-                   peak_resv_gib=round(torch.cuda.max_memory_reserved(device) / GiB, 3))
-        if torch.cuda.device_count() > 1:
-            out["peak_alloc_gib_per_gpu"] = [round(torch.cuda.max_memory_allocated(i) / GiB, 3)
-                                             for i in range(torch.cuda.device_count())]
-    return out
 
 
 def _rel(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
@@ -348,8 +212,10 @@ def run(args) -> dict:
                 first = clock.latent
                 again = run_prompt(executor, server, api, device, mm)
                 r["comfyui_repeat_rel_l2"] = _rel(clock.latent, first) if again["ok"] else again.get("error")
-        result["workflows"][name] = r
-        print(name, json.dumps(r), flush=True)
+        runs = sum(k.split(" ")[0] == name for k in result["workflows"])  # a workflow named twice: run again
+        key = name if not runs else f"{name} (run {runs + 1})"
+        result["workflows"][key] = r
+        print(key, json.dumps(r), flush=True)
         mm.unload_all_models()
         comfy.model_management.soft_empty_cache(True)
     if (args.quick or args.parity_fp32) and not args.no_cli:
@@ -376,8 +242,8 @@ def run(args) -> dict:
             assert r["ok"], r
             for key, sec in r["node_s"].items():
                 per_node.setdefault(key.split(":")[1], []).append(sec)
-            rss.append(_rss_mib())
-            vram.append(_alloc(device) * 1024)
+            rss.append(rss_mib())
+            vram.append(allocated_gib(device) * 1024)
         result["queue"] = {"n": args.queue, "rss_growth_mib": round(rss[-1] - rss[0], 1),
                            "vram_growth_mib": round(vram[-1] - vram[0], 1), "rss_mib": [round(x) for x in rss],
                            "images_per_min": round(60 * args.queue / (time.perf_counter() - t_queue), 3),
@@ -387,71 +253,13 @@ def run(args) -> dict:
     return result
 
 
-def after_free(executor, mm, device, pack_sampler) -> dict:
-    """What `/free` (unload models + free the node cache) and NewBie Memory Purge leave: allocated/reserved VRAM
-    and RSS after each (the models' CPU copies stay while the loader outputs are cached)."""
-    out = {}
-    mm.unload_all_models()  # the /free path (main.py): unload, then reset the executor's caches
-    executor.reset()
-    import gc
-
-    gc.collect()
-    mm.soft_empty_cache(True)
-    out["free_alloc_gib"], out["free_rss_mib"] = round(_alloc(device), 3), round(_rss_mib())
-    if device.type == "cuda":
-        out["free_resv_gib"] = round(torch.cuda.memory_reserved(device) / GiB, 3)
-    purge = sys.modules[pack_sampler.__name__.rsplit(".", 1)[0] + ".memory_purge"].NewBieMemoryPurge
-    purge.execute()
-    out["purge_alloc_gib"], out["purge_rss_mib"] = round(_alloc(device), 3), round(_rss_mib())
-    return out
-
-
-def markdown(results: list[dict]) -> str:
-    """One table per setting: workflow, ok, wall, peaks, s/step, latent diff; plus the queue line."""
-    lines = []
-    for r in results:
-        lines += [f"### {r['device']}, ComfyUI {r['comfyui']}, flags `{r['comfy_args'] or '-'}`"
-                  f"{', card ' + str(r['card_gib']) + ' GiB' if r['card_gib'] else ''}"
-                  f"{', keep_loaded on' if r.get('keep_loaded') else ''} "
-                  f"(async offload: {r['async_offload']}; {r['size']}², {r['steps']} euler steps, CFG 5)", "",
-                  "| workflow | ok | wall s | peak alloc GiB | peak resv GiB | DiT s/step | latent rel. diff vs CLI | slowest nodes |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for name, w in r["workflows"].items():
-            slow = ", ".join(f"{k.split(':')[1]} {v:.2f}" for k, v in sorted(w.get("node_s", {}).items(),
-                                                                           key=lambda kv: -kv[1])[:3])
-            sps = w.get("dit_s_per_step")
-            lines.append(f"| {name} | {'yes' if w['ok'] else 'NO: ' + w.get('error', '')[:80]} | {w.get('wall_s', '–')} | "
-                         f"{w.get('peak_alloc_gib', '–')} | {w.get('peak_resv_gib', '–')} | "
-                         f"{'–' if sps is None else f'{sps:.4f}'} | {w.get('latent_rel_l2_vs_cli', '–')} | {slow} |")
-        for label, c in (("as the workflow sets it", r["workflows"].get("newbie_basic_t2i", {})),
-                         ("DiT and text encoders in fp32", r.get("parity_fp32", {}))):
-            if "latent_rel_l2_vs_cli" in c:
-                lines.append(f"\nBasic workflow vs the CLI pipeline, {label}: final latent rel. diff "
-                             f"{c['latent_rel_l2_vs_cli']:.3g} (text conditioning {c['text_rel_l2_vs_cli']:.3g}; the "
-                             f"DiT stage alone on the same conditioning {c['latent_rel_l2_vs_cli_same_text']:.3g}).")
-        if "after_free" in r:
-            f = r["after_free"]
-            lines.append(f"\nAfter /free: {f['free_alloc_gib']} GiB allocated, {f.get('free_resv_gib', '–')} GiB reserved, "
-                         f"RSS {f['free_rss_mib']} MiB; after NewBie Memory Purge: {f['purge_alloc_gib']} GiB allocated.")
-        if "queue" in r:
-            q = r["queue"]
-            lines.append(f"\n{q['n']} queued generations (text encoders on {q['text_device']}): "
-                         f"{q['images_per_min']} images/min, VRAM growth {q['vram_growth_mib']} MiB, "
-                         f"RSS growth {q['rss_growth_mib']} MiB; median seconds of each node over the runs it "
-                         "executed in (not served from ComfyUI's cache): "
-                         + ", ".join(f"{k} {v:.2f} ({q.get('node_runs', {}).get(k, '?')}×)" for k, v in
-                                     sorted(q.get("median_node_s", {}).items(), key=lambda kv: -kv[1])))
-        lines.append("")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="tiny models, 64², 3 steps (CPU plumbing check)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--models-dir", default=None, help="where the model files are written once (default: a temp dir)")
-    p.add_argument("--workflows", default=",".join(WORKFLOWS))
+    p.add_argument("--workflows", default=",".join(WORKFLOWS), help="comma-separated; one named twice runs twice")
     p.add_argument("--comfy-args", default="",
                    help="ComfyUI flags for this run, written with '=' (the value starts with a dash): "
                         "--comfy-args=--lowvram")
@@ -488,6 +296,7 @@ def main(argv=None) -> int:
         if args.json_only:
             Path(args.json_only).write_text(json.dumps(results[0], indent=1))
             return 0
+    from comfy_workflow_report import markdown
     from newbie_core.bench.report import slug, write_results
 
     dev = next((r["device"] for r in results if r["device"] != "?"), "unknown")
