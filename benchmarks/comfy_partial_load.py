@@ -9,11 +9,14 @@ per layer. This script loads a full-size random-weight DiT file exactly that way
 the patcher load that many bytes (`ModelPatcher.patch_model(lowvram_model_memory=...)`, what
 `load_models_gpu` does when VRAM is short) and times one CFG step at the reference baseline's inputs.
 Every budget must run (the device comes from the input, never from whichever weight is resident) and give
-the fully loaded output within bf16 tolerance. Writes `comfy-partial-load-<gpu>.json` and `.md`.
+the fully loaded output (the same arithmetic: exactly). `--precision fp8_e4m3fn` does the same for the fp8 DiT,
+whose layers cast per call still take the fused gate's pre-quantised input on fp8 GPUs. Writes
+`comfy-partial-load-<gpu>[-fp8_e4m3fn-comfyui-<version>].json` and `.md`.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import tempfile
@@ -42,8 +45,6 @@ def import_comfy_glue():
         pkg = types.ModuleType(name)
         pkg.__path__ = [str(path)]
         sys.modules[name] = pkg
-    import importlib
-
     return importlib.import_module("newbie_pack.nodes._comfy")
 
 
@@ -68,6 +69,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--budgets", default="0.25,0.5,1,1.5,2,2.5,3,3.5,4,4.5,5,5.5,6",
                    help="GiB of DiT weights ComfyUI may load (the rest streams per layer)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp8_e4m3fn"],
+                   help="DiT weight storage (fp8: per-channel scales, fp8 matmuls where the GPU has them)")
     args = p.parse_args()
     glue = import_comfy_glue()
     import comfy.model_management as mm
@@ -79,7 +82,7 @@ def main() -> int:
     device = mm.get_torch_device()
     tmp = Path(tempfile.mkdtemp(prefix="newbie-comfy-bench-"))
     path = write_random_dit(args.quick, device, tmp)
-    patcher = glue.load_dit_patcher(path, parse_precision("bf16", "dit"), "sdpa")
+    patcher = glue.load_dit_patcher(path, parse_precision(args.precision, "dit"), "sdpa")
     dit = patcher.model.diffusion_model
     hw, cap = ((16, 16), 24) if args.quick else ((128, 128), 256)
     inputs = dit_inputs(dit, device, latent_hw=hw, cap_len=cap, uncond_len=min(40, cap // 2))
@@ -96,15 +99,19 @@ def main() -> int:
         patcher.patch_model(device_to=device, lowvram_model_memory=budget)
         r = dit_step(dit.velocity, inputs, device, runs=runs)
         row = {"budget_gib": b, "loaded_gib": round(patcher.model.model_loaded_weight_memory / GiB, 3),
+               "loaded_bytes": patcher.model.model_loaded_weight_memory, "model_bytes": patcher.model_size(),
                **{k: round(v, 4) for k, v in r.items() if k != "out"}, **parity(r["out"], ref)}
         rows.append(row)
         print(row, flush=True)
         patcher.unpatch_model(device_to=patcher.offload_device, unpatch_weights=True)
         mm.soft_empty_cache()
     gpu = device_label(device)
-    stem = f"comfy-partial-load-{slug(gpu)}" + ("-quick" if args.quick else "")
-    result = {"gpu": gpu, "torch": torch.__version__, "comfyui_dir": os.environ.get("COMFYUI_DIR"), "rows": rows}
-    lines = [f"ComfyUI partial loading of the NewBie DiT (bf16, CFG batch 2, 1024², 256 caption tokens), {gpu}", "",
+    version = getattr(importlib.import_module("comfyui_version"), "__version__", "?")
+    stem = (f"comfy-partial-load-{slug(gpu)}" + ("" if args.precision == "bf16" else f"-{args.precision}-comfyui-{version}")
+            + ("-quick" if args.quick else ""))
+    result = {"gpu": gpu, "torch": torch.__version__, "comfyui": version, "precision": args.precision, "rows": rows}
+    lines = [f"ComfyUI {version} partial loading of the NewBie DiT ({args.precision}, CFG batch 2, 1024², 256 caption "
+             f"tokens), {gpu}", "",
              "| budget (GiB) | loaded (GiB) | s / step | peak alloc (GiB) | rel. diff vs full load |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['budget_gib']} | {r.get('loaded_gib', '–')} | {r['seconds']:.4f} | {r['peak_alloc_gib']:.2f} | "

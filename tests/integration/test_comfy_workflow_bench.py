@@ -113,3 +113,23 @@ def test_engine_step_benchmark_quick_mode_compares_both_hosts(comfy_dir, tmp_pat
     assert rows["bf16"]["comfyui_vs_cli_rel_l2"] == rows["fp8_e4m3fn"]["comfyui_vs_cli_rel_l2"] == 0.0
     q = result["fp8_final_latent_vs_bf16"]
     assert 0 < q["ours_fp8"]["rel_l2_diff"] < q["plain_e4m3_cast"]["rel_l2_diff"]
+
+
+def test_partial_load_benchmark_quick_mode_fp8_matches_the_full_load(comfy_dir, tmp_path):
+    """benchmarks/comfy_partial_load.py --precision fp8_e4m3fn: ComfyUI loads part of the fp8 DiT and casts the
+    rest per layer; every budget gives the fully loaded output exactly (the GPU run of the same script checks the
+    fused gate's cast-per-call path)."""
+    env = dict(os.environ, COMFYUI_DIR=str(comfy_dir))
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "comfy_partial_load.py"), "--quick",
+                           "--precision", "fp8_e4m3fn", "--budgets", "1,4", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("comfy-partial-load-*-fp8_e4m3fn-comfyui-*-quick.json")
+    result = json.loads(path.read_text())
+    assert result["precision"] == "fp8_e4m3fn"
+    full, *partial = result["rows"]
+    assert full["budget_gib"] == "full" and len(partial) == 2
+    for row in partial:
+        assert 0 < row["loaded_bytes"] < row["model_bytes"], row  # a real partial load
+        assert row["rel_l2_diff"] == 0.0 and row["max_abs_diff"] == 0.0, row
+    assert partial[0]["loaded_bytes"] < partial[1]["loaded_bytes"]
