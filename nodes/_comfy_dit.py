@@ -61,6 +61,21 @@ class NewBieModelConfig(comfy.supported_models.Lumina2):
         return NewBieBaseModel(self, device=device)
 
 
+class CONDCaption(comfy.conds.CONDRegular):
+    """One prompt's caption features `[B,L,D]` or caption mask `[B,L]`. Captions of other lengths batch together,
+    right-padded with zeros (mask 0: a pad, which the DiT leaves out), so a core sampler runs the positive and
+    the negative prompt in one DiT call per step, as the pack's own sampler does, not one call per prompt."""
+
+    def can_concat(self, other):  # noqa: D102
+        a, b = self.cond, other.cond
+        return a.shape[0] == b.shape[0] and a.shape[2:] == b.shape[2:] and a.device == b.device
+
+    def concat(self, others):  # noqa: D102
+        conds = [self.cond, *(o.cond for o in others)]
+        n = max(c.shape[1] for c in conds)
+        return torch.cat([torch.nn.functional.pad(c, (0, 0) * (c.ndim - 2) + (0, n - c.shape[1])) for c in conds])
+
+
 class NewBieBaseModel(comfy.model_base.BaseModel):
     """BaseModel whose diffusion_model is our NextDiT; passes the caption mask and the Jina pooled vector."""
 
@@ -68,14 +83,16 @@ class NewBieBaseModel(comfy.model_base.BaseModel):
         super().__init__(model_config, comfy.model_base.ModelType.FLOW, device=device, unet_model=ComfyNewBieDiT)
 
     def extra_conds(self, **kwargs):
-        """Caption mask and pooled vector from CONDITIONING to the DiT (core samplers)."""
+        """Caption mask and pooled vector from CONDITIONING to the DiT (core samplers). With a mask, captions of
+        different lengths batch together (CONDCaption); without one every token is real, so they cannot."""
         out = super().extra_conds(**kwargs)
-        if kwargs.get("attention_mask") is not None:
-            out["attention_mask"] = comfy.conds.CONDRegular(kwargs["attention_mask"])
+        masked = kwargs.get("attention_mask") is not None
+        if masked:
+            out["attention_mask"] = CONDCaption(kwargs["attention_mask"])
         if kwargs.get("pooled_output") is not None:
             out["clip_text_pooled"] = comfy.conds.CONDRegular(kwargs["pooled_output"])
         if kwargs.get("cross_attn") is not None:
-            out["c_crossattn"] = comfy.conds.CONDRegular(kwargs["cross_attn"])
+            out["c_crossattn"] = (CONDCaption if masked else comfy.conds.CONDRegular)(kwargs["cross_attn"])
         return out
 
 
